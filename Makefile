@@ -1,0 +1,23 @@
+# The two commands of the README. Both create or reuse .venv and install what is missing.
+PY := .venv/bin/python
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+# The main job on the embedded default.
+demo: setup
+	@$(PY) -m runtime.demo
+
+# The whole test suite. pytest exits 5 when it collected no test: that is a failure here.
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install what is missing: Debian packages (apt, only when
+# missing), then the project with its dev extra. Idempotent and quiet when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV=.venv
+# Debian packages the project uses at run time or in its tests.
+APT_PACKAGES=(git util-linux)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "bootstrap: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+# Reinstall only when the dependency declaration (or the interpreter) changed.
+stamp="$VENV/.swe-dapo-installed"
+want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1) $("$VENV/bin/python" -c 'import sys; print(sys.version)')"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "bootstrap: installing swe-dapo and its dependencies into $VENV"
+    pip_args=(-q --disable-pip-version-check)
+    # The CPU build of torch ships as a local wheel on the build machines.
+    [ -d /opt/wheels ] && pip_args+=(--find-links /opt/wheels)
+    "$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    echo "$want" > "$stamp"
+fi
