@@ -1,0 +1,88 @@
+"""`sandboxd` command line: `sandboxd serve` runs the daemon.
+
+    sandboxd serve --listen unix:/run/sandboxd.sock --listen tcp://0.0.0.0:7070 \\
+                   --token-file /etc/sandboxd/token --root /var/lib/sandboxd --runtime ns
+
+On start the runtime removes what a previous crash left in its state directory (mounts die with the
+daemon's private mount namespace; cgroups and containers are swept). SIGTERM and SIGINT stop it cleanly:
+every sandbox is destroyed and the Unix socket removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import stat
+import sys
+
+import trio
+
+from runtime.wire import WireServer
+
+from .service import RUNTIMES, build_router, open_runtime
+
+log = logging.getLogger("sandboxd")
+
+DEFAULT_LISTEN = "unix:/run/sandboxd.sock"
+DEFAULT_ROOT = "/var/lib/sandboxd"
+
+
+def read_token(path: str) -> str:
+    """The token in `path`; refuses an empty file and warns when others may read it."""
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise SystemExit(f"sandboxd: --token-file {path}: {exc.strerror}") from exc
+    if not token:
+        raise SystemExit(f"sandboxd: --token-file {path} is empty")
+    if st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("token file %s is readable by other users; chmod 600 it", path)
+    return token
+
+
+async def serve(args: argparse.Namespace, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    token = read_token(args.token_file) if args.token_file else None
+    os.makedirs(args.root, mode=0o700, exist_ok=True)
+    async with open_runtime(args.runtime, args.root) as runtime:
+        server = WireServer(build_router(runtime), token=token, name=f"sandboxd/{args.runtime}",
+                            max_connections=args.max_connections)
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.serve, args.listen)
+            log.info("sandboxd (%s runtime, state in %s) serving on %s", args.runtime, args.root, ", ".join(addresses))
+            print(f"sandboxd: serving on {' '.join(addresses)}", file=sys.stderr, flush=True)
+            task_status.started(addresses)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sandboxd", description="Sandboxes for software-engineering agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help=f"unix:PATH or tcp://HOST:PORT; repeatable (default {DEFAULT_LISTEN}); TCP needs --token-file")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the token clients must present")
+    p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
+    p.add_argument("--runtime", choices=RUNTIMES, default="ns", help="sandbox runtime (default ns)")
+    p.add_argument("--max-connections", type=int, default=16384)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.listen = args.listen or [DEFAULT_LISTEN]
+    if any(a.startswith("tcp://") for a in args.listen) and not args.token_file:
+        parser.error("a tcp:// listener requires --token-file")
+    try:
+        trio.run(serve, args)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
