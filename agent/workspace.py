@@ -61,6 +61,10 @@ class Workspace(Protocol):
         """Write a file (creating parent directories); relative paths are under `workdir`."""
         ...
 
+    async def diff(self, base_commit: str) -> str:
+        """`git diff` of the repository against `base_commit`, new files included (the model's patch)."""
+        ...
+
 
 class _Cap:
     """Head and tail of a stream, bounded memory (the same rule as sandboxd's output cap)."""
@@ -167,3 +171,14 @@ class LocalWorkspace:
         target = trio.Path(self._path(path))
         await target.parent.mkdir(parents=True, exist_ok=True)
         await target.write_bytes(data)
+
+    async def diff(self, base_commit: str) -> str:
+        # A throwaway index, so the repository's own index (and the model's view of it) is untouched.
+        script = ('set -e; idx=$(mktemp); trap \'rm -f "$idx"\' EXIT; '
+                  'cp "$(git rev-parse --git-dir)/index" "$idx" 2>/dev/null || true; '
+                  'GIT_INDEX_FILE="$idx" git add -A; '
+                  'GIT_INDEX_FILE="$idx" git diff --cached --binary --no-color --no-ext-diff "$1"')
+        res = await self.exec(["/bin/sh", "-c", script, "diff", base_commit], timeout_s=120, max_output_bytes=64 << 20)
+        if res.exit_code != 0 or res.truncated:
+            raise RuntimeError(f"git diff against {base_commit} failed ({res.exit_code}): {res.output[-500:]!r}")
+        return res.output.decode("utf-8", errors="surrogateescape")

@@ -1,0 +1,27 @@
+"""The agent scaffold: prompts, tool-call parsing, tools, token-exact episodes."""
+
+from .chat import ChatFormat, Tokenizer
+from .episode import Completion, EpisodeConfig, Sampler, build_prompt_ids, run_episode
+from .parsing import STOP_SEQUENCES, TOOL_SPECS, FormatError, ToolCall, parse_tool_call
+from .prompts import system_prompt, task_prompt
+from .tools import ToolResult, Tools, cap_text
+
+__all__ = [
+    "STOP_SEQUENCES",
+    "TOOL_SPECS",
+    "ChatFormat",
+    "Completion",
+    "EpisodeConfig",
+    "FormatError",
+    "Sampler",
+    "Tokenizer",
+    "ToolCall",
+    "ToolResult",
+    "Tools",
+    "build_prompt_ids",
+    "cap_text",
+    "parse_tool_call",
+    "run_episode",
+    "system_prompt",
+    "task_prompt",
+]

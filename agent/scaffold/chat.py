@@ -1,0 +1,79 @@
+"""Token-level chat framing derived from the tokenizer's own chat template.
+
+An episode is kept as token ids and never re-tokenised: the prompt is rendered by the chat template
+once; each turn appends the model's tokens exactly as returned, then the observation's tokens. The
+observation's framing (end of the assistant turn, the tool-response turn, the next assistant header)
+is found by rendering two probe conversations with the template and cutting at marker strings, so any
+template works (ChatML/Qwen, Llama, ...), not only the one this code was written against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["ChatFormat", "Tokenizer"]
+
+_A = "\u00a7ASSISTANT\u00a7"
+_O = "\u00a7OBSERVATION\u00a7"
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the scaffold uses."""
+
+    eos_token_id: int | None
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def convert_tokens_to_ids(self, tokens: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Framing strings of one chat template.
+
+    end_of_turn: what closes an assistant turn (``<|im_end|>`` then ``\\n`` for ChatML).
+    observation_prefix: what opens the observation turn after a closed assistant turn.
+    observation_suffix: what closes it and opens the next assistant turn.
+    stop_token_ids: tokens that end an assistant turn when generated.
+    """
+
+    end_of_turn: str
+    observation_prefix: str
+    observation_suffix: str
+    observation_role: str
+    stop_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer, *, observation_role: str = "user") -> ChatFormat:
+        base = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        closed = tokenizer.apply_chat_template(base + [{"role": "assistant", "content": _A}], tokenize=False)
+        followed = tokenizer.apply_chat_template(
+            base + [{"role": "assistant", "content": _A}, {"role": observation_role, "content": _O}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        if _A not in closed or _O not in followed:
+            raise ValueError("the tokenizer's chat template drops message content; cannot derive the framing")
+        end_of_turn = closed.split(_A, 1)[1]
+        after_assistant = followed.split(_A, 1)[1]
+        prefix_with_end, observation_suffix = after_assistant.split(_O, 1)
+        if not prefix_with_end.startswith(end_of_turn.rstrip("\n")):
+            raise ValueError(f"unexpected chat template framing: {prefix_with_end!r} after {end_of_turn!r}")
+        stop_ids: list[int] = []
+        marker = end_of_turn.strip()
+        if marker:
+            ids = tokenizer.encode(marker, add_special_tokens=False)
+            if len(ids) == 1:
+                stop_ids.append(ids[0])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
+            stop_ids.append(tokenizer.eos_token_id)
+        return cls(end_of_turn, prefix_with_end, observation_suffix, observation_role, tuple(stop_ids))
+
+    def observation_text(self, observation: str, *, turn_closed: bool) -> str:
+        """The text that follows the model's tokens: closes its turn if it did not, then the observation."""
+        prefix = self.observation_prefix
+        if turn_closed:
+            marker = self.end_of_turn.rstrip("\n")
+            prefix = prefix[len(marker):]
+        return prefix + observation + self.observation_suffix

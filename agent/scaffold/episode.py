@@ -1,0 +1,174 @@
+"""One episode: prompt once, then turns of (model tokens, tool, observation tokens) until a finish.
+
+The loop reads top to bottom (in the manner of mini-swe-agent): `run_episode` repeats `_step` until the
+model submits or a limit is hit. The episode is token ids from start to end: the prompt is rendered by
+the chat template once, every turn appends exactly the ids the sampler returned (trained) and the ids of
+the observation (masked), so the learner trains on precisely what the model produced and saw.
+
+Errors of the infrastructure (a lost sandbox node, a dead endpoint) propagate: the scheduler requeues
+the episode from its start. Errors of the model (no parsable call, a tool that fails) become
+observations and the episode goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from runtime.records import FinishReason, Task, Trajectory, Turn
+
+from ..workspace import Workspace
+from .chat import ChatFormat, Tokenizer
+from .parsing import STOP_SEQUENCES, FormatError, parse_tool_call
+from .prompts import system_prompt, task_prompt
+from .tools import Tools
+
+__all__ = ["Completion", "EpisodeConfig", "Sampler", "build_prompt_ids", "run_episode"]
+
+
+class Completion(Protocol):
+    """What a sampler returns for one turn (agent.llm.Completion has these fields)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+class Sampler(Protocol):
+    """Samples one turn: an `agent.llm` client bound to an endpoint, or a fake for tests."""
+
+    async def complete(self, prompt_ids: list[int], *, max_tokens: int, stop: Sequence[str],
+                       stop_token_ids: Sequence[int]) -> Completion: ...
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    max_turns: int = 30  # model turns before the episode ends with max_turns
+    max_context_tokens: int = 32768  # the whole episode (prompt + turns) must fit the model's context
+    max_turn_tokens: int = 2048  # tokens one model turn may generate
+    min_turn_tokens: int = 16  # fewer left than this: context_overflow instead of a useless turn
+    wall_time_s: float = 1800.0  # the episode's budget, tools and sampling included
+    bash_timeout_s: float = 60.0
+    max_observation_chars: int = 12000
+    diff_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_turns", "max_context_tokens", "max_turn_tokens", "min_turn_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EpisodeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("wall_time_s", "bash_timeout_s", "diff_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"EpisodeConfig.{name} must be > 0, got {getattr(self, name)}")
+
+
+def build_prompt_ids(tokenizer: Tokenizer, task: Task, workdir: str = "/testbed") -> list[int]:
+    """The prompt, rendered by the tokenizer's chat template once."""
+    messages = [{"role": "system", "content": system_prompt()},
+                {"role": "user", "content": task_prompt(task.problem_statement, workdir)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+async def _tool_observation(tools: Tools, text: str) -> tuple[str, str, bool, bool, bool]:
+    """(observation, tool name, format_error, submitted, tool_failed) for the model's text."""
+    try:
+        call = parse_tool_call(text)
+    except FormatError as exc:
+        return str(exc), "", True, False, False
+    try:
+        result = await tools.run(call)
+    except OSError as exc:  # a local workspace's file error: the model's to handle
+        return f"Error: {exc}", call.name, False, False, True
+    except Exception as exc:
+        # Typed sandbox errors about the request (a path outside the repository, a file too large)
+        # are the model's to handle; a lost node or endpoint is the scheduler's.
+        if getattr(exc, "code", None) in ("bad_request", "not_found", "limit"):
+            return f"Error: {exc}", call.name, False, False, True
+        raise
+    return result.observation, call.name, False, result.submitted, result.failed
+
+
+async def run_episode(
+    task: Task,
+    workspace: Workspace,
+    sampler: Sampler,
+    tokenizer: Tokenizer,
+    chat: ChatFormat,
+    config: EpisodeConfig = EpisodeConfig(),
+    *,
+    episode_id: str,
+    group_id: str,
+    policy_version: int = 0,
+    endpoint: str = "",
+    diff: Any = None,
+) -> Trajectory:
+    """Run one episode in `workspace` (a fresh checkout of the task) and return its trajectory.
+
+    `diff`: async callable `(base_commit) -> patch`; defaults to `workspace.diff`.
+    """
+    t_start = time.perf_counter()
+    prompt_ids = build_prompt_ids(tokenizer, task, workspace.workdir)
+    tools = Tools(workspace, bash_timeout_s=config.bash_timeout_s, max_observation_chars=config.max_observation_chars)
+    context: list[int] = list(prompt_ids)
+    turns: list[Turn] = []
+    finish = FinishReason.MAX_TURNS
+    counts = {"format_errors": 0, "tool_failures": 0}
+
+    with trio.move_on_after(config.wall_time_s) as budget:
+        for _ in range(config.max_turns):
+            room = config.max_context_tokens - len(context)
+            if room < config.min_turn_tokens:
+                finish = FinishReason.CONTEXT_OVERFLOW
+                break
+            t0 = time.perf_counter()
+            completion = await sampler.complete(
+                context, max_tokens=min(config.max_turn_tokens, room), stop=STOP_SEQUENCES,
+                stop_token_ids=chat.stop_token_ids,
+            )
+            llm_s = time.perf_counter() - t0
+            action_ids = list(completion.token_ids)
+            context += action_ids
+            text = tokenizer.decode(action_ids, skip_special_tokens=True)
+            t0 = time.perf_counter()
+            observation, tool, format_error, submitted, failed = await _tool_observation(tools, text)
+            tool_s = time.perf_counter() - t0
+            counts["format_errors"] += format_error
+            counts["tool_failures"] += failed
+            observation_ids: list[int] = []
+            if not submitted:
+                turn_closed = bool(action_ids) and action_ids[-1] in chat.stop_token_ids
+                observation_ids = list(tokenizer.encode(
+                    chat.observation_text(observation, turn_closed=turn_closed), add_special_tokens=False))
+            overflow = len(context) + len(observation_ids) > config.max_context_tokens
+            if overflow:
+                observation_ids = []  # the model never sees it: nothing to keep
+            turns.append(Turn(action_ids=action_ids, action_logprobs=list(completion.logprobs),
+                              observation_ids=observation_ids, tool=tool, format_error=format_error,
+                              llm_s=llm_s, tool_s=tool_s))
+            context += observation_ids
+            if submitted:
+                finish = FinishReason.SUBMITTED
+                break
+            if overflow or (completion.finish_reason == "length" and len(context) >= config.max_context_tokens):
+                finish = FinishReason.CONTEXT_OVERFLOW
+                break
+    if budget.cancelled_caught:
+        finish = FinishReason.TIMEOUT
+
+    get_diff = diff or workspace.diff  # type: ignore[attr-defined]
+    with trio.fail_after(config.diff_timeout_s):
+        patch = await get_diff(task.base_commit)
+    metrics = {
+        "turns": float(len(turns)),
+        "format_errors": float(counts["format_errors"]),
+        "tool_failures": float(counts["tool_failures"]),
+        "wall_s": time.perf_counter() - t_start,
+        "tokens": float(len(context)),
+    }
+    return Trajectory(episode_id=episode_id, task_id=task.id, group_id=group_id, prompt_ids=prompt_ids, turns=turns,
+                      reward=0.0, finish_reason=finish, policy_version=policy_version, endpoint=endpoint,
+                      patch=patch, resolved=None, metrics=metrics)

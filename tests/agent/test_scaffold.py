@@ -1,0 +1,222 @@
+"""The scaffold: tool-call parsing, tools on a real repository, and token-exact episodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from agent.scaffold import (
+    ChatFormat,
+    EpisodeConfig,
+    FormatError,
+    ToolCall,
+    Tools,
+    build_prompt_ids,
+    parse_tool_call,
+    run_episode,
+)
+from agent.workspace import LocalWorkspace
+from runtime.records import FinishReason, Task, Trajectory
+
+# --- parsing ---------------------------------------------------------------------------------------
+
+
+def test_function_format_with_multiline_values():
+    text = ("I will fix the operator.\n<function=str_replace>\n<parameter=path>pkg/calc.py</parameter>\n"
+            "<parameter=old>\n    return a - b\n</parameter>\n<parameter=new>    return a + b</parameter>\n</function>")
+    assert parse_tool_call(text) == ToolCall("str_replace", {"path": "pkg/calc.py", "old": "    return a - b",
+                                                             "new": "    return a + b"}, "function")
+
+
+def test_hermes_format_and_first_call_wins():
+    text = ('<tool_call>\n{"name": "bash", "arguments": {"command": "ls -la"}}\n</tool_call>'
+            "<function=submit>\n</function>")
+    assert parse_tool_call(text) == ToolCall("bash", {"command": "ls -la"}, "hermes")
+    assert parse_tool_call('<tool_call>{"name": "view", "arguments": "{\\"path\\": \\"a\\"}"}</tool_call>').arguments == {"path": "a"}
+
+
+def test_call_cut_at_the_stop_sequence_is_completed():
+    assert parse_tool_call("<function=bash>\n<parameter=command>pytest -q</parameter>\n") == ToolCall(
+        "bash", {"command": "pytest -q"}, "function")
+
+
+def test_int_parameters_are_converted():
+    call = parse_tool_call("<function=view><parameter=path>a.py</parameter><parameter=start_line> 3</parameter></function>")
+    assert call.arguments == {"path": "a.py", "start_line": 3}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Let me think about it.", "No tool call found"),
+        ("<function=rm_rf><parameter=path>/</parameter></function>", "Unknown tool 'rm_rf'"),
+        ("<function=bash></function>", "missing the parameter 'command'"),
+        ("<function=bash><parameter=cmd>ls</parameter></function>", "has no parameter 'cmd'"),
+        ("<function=view><parameter=path>a</parameter><parameter=start_line>x</parameter></function>", "whole number"),
+        ("<tool_call>{not json}</tool_call>", "not valid JSON"),
+        ('<tool_call>{"arguments": {}}</tool_call>', '"name"'),
+        ("<function=bash><parameter=command>ls</parameter><parameter=command>pwd</parameter></function>", "given twice"),
+    ],
+)
+def test_malformed_calls_explain_themselves(text, message):
+    with pytest.raises(FormatError, match=message):
+        parse_tool_call(text)
+
+
+# --- tools -----------------------------------------------------------------------------------------
+
+
+async def test_tools_on_a_repository(toy_repo):
+    repo, _ = toy_repo
+    tools = Tools(LocalWorkspace(repo), bash_timeout_s=0.5, max_observation_chars=2000)
+    out = await tools.run(ToolCall("bash", {"command": "grep -n 'a - b' pkg/calc.py"}))
+    assert out.observation == "2:    return a - b" and not out.failed
+    out = await tools.run(ToolCall("bash", {"command": "exit 3"}))
+    assert out.failed and "[exit code 3]" in out.observation
+    out = await tools.run(ToolCall("bash", {"command": "sleep 5"}))
+    assert out.failed and "timed out" in out.observation
+    out = await tools.run(ToolCall("bash", {"command": "yes | head -c 100000"}))
+    assert len(out.observation) < 2200 and "omitted" in out.observation
+    out = await tools.run(ToolCall("bash", {"command": "printf '\\377\\376ok'"}))
+    assert out.observation.endswith("ok")  # undecodable bytes replaced, not a crash
+
+    out = await tools.run(ToolCall("view", {"path": "pkg/calc.py", "start_line": 2, "end_line": 2}))
+    assert out.observation == "2\t    return a - b"
+    out = await tools.run(ToolCall("view", {"path": "pkg"}))
+    assert "pkg/calc.py" in out.observation and ".git" not in out.observation
+    out = await tools.run(ToolCall("view", {"path": "nope.py"}))
+    assert out.failed and "no such file" in out.observation
+
+    out = await tools.run(ToolCall("str_replace", {"path": "pkg/calc.py", "old": "return a", "new": "return b"}))
+    assert out.failed and "occurs 2 times in pkg/calc.py (lines 2, 6)" in out.observation
+    out = await tools.run(ToolCall("str_replace", {"path": "pkg/calc.py", "old": "a + b", "new": "x"}))
+    assert out.failed and "No exact match" in out.observation
+    out = await tools.run(ToolCall("str_replace", {"path": "pkg/calc.py", "old": "a - b", "new": "a + b"}))
+    assert not out.failed and "return a + b" in out.observation
+    assert (repo / "pkg" / "calc.py").read_text().startswith("def add(a, b):\n    return a + b\n")
+
+    out = await tools.run(ToolCall("create", {"path": "pkg/calc.py", "content": "x"}))
+    assert out.failed and "already exists" in out.observation
+    out = await tools.run(ToolCall("create", {"path": "pkg/new.py", "content": "X = 1"}))
+    assert (repo / "pkg" / "new.py").read_text() == "X = 1\n"
+    assert (await tools.run(ToolCall("submit", {}))).submitted
+
+
+# --- episodes --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "stop"
+
+
+@dataclass
+class ScriptedSampler:
+    """Returns scripted texts as token ids, recording every prompt it was sent."""
+
+    tokenizer: object
+    texts: list[str]
+    char_level: bool = False  # tokenise character by character: a non-canonical tokenisation
+    prompts: list[list[int]] = field(default_factory=list)
+    delay_s: float = 0.0
+
+    async def complete(self, prompt_ids, *, max_tokens, stop, stop_token_ids):
+        self.prompts.append(list(prompt_ids))
+        if self.delay_s:
+            await trio.sleep(self.delay_s)
+        text = self.texts[min(len(self.prompts) - 1, len(self.texts) - 1)]
+        if self.char_level:
+            ids = [i for ch in text for i in self.tokenizer.encode(ch, add_special_tokens=False)]
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = ids[:max_tokens - 1] + [stop_token_ids[0]]  # the sampler stops on the end-of-turn token
+        return Reply(ids, [-0.25] * len(ids))
+
+
+def make_task(commit: str) -> Task:
+    return Task(id="toy-1", repo="toy/calc", base_commit=commit, problem_statement="add(2, 3) returns -1 instead of 5.",
+                image="host", test_patch="", FAIL_TO_PASS=["tests/test_calc.py::test_add"], PASS_TO_PASS=[],
+                test_command="pytest -rA", log_parser="pytest")
+
+
+FIX = ["Let me look.\n<function=view>\n<parameter=path>pkg/calc.py</parameter>\n</function>",
+       "<function=str_replace>\n<parameter=path>pkg/calc.py</parameter>\n<parameter=old>a - b</parameter>\n"
+       "<parameter=new>a + b</parameter>\n</function>",
+       "no call here, sorry",
+       "<function=submit>\n</function>"]
+
+
+@pytest.mark.parametrize("char_level", [False, True], ids=["canonical", "non_canonical"])
+async def test_episode_is_token_exact(toy_repo, tiny_tokenizer, char_level):
+    repo, commit = toy_repo
+    chat = ChatFormat.from_tokenizer(tiny_tokenizer)
+    sampler = ScriptedSampler(tiny_tokenizer, FIX, char_level=char_level)
+    traj = await run_episode(make_task(commit), LocalWorkspace(repo), sampler, tiny_tokenizer, chat,
+                             episode_id="e1", group_id="g1", policy_version=7)
+    assert traj.finish_reason == FinishReason.SUBMITTED
+    assert [t.tool for t in traj.turns] == ["view", "str_replace", "", "submit"]
+    assert [t.format_error for t in traj.turns] == [False, False, True, False]
+    assert traj.metrics["format_errors"] == 1.0
+    assert "-    return a - b" in traj.patch and "+    return a + b" in traj.patch
+    # What the sampler saw at each turn is exactly the stored sequence up to that point.
+    ids = traj.token_ids()
+    for prompt in sampler.prompts:
+        assert ids[: len(prompt)] == prompt
+    assert sampler.prompts[0] == traj.prompt_ids == build_prompt_ids(tiny_tokenizer, make_task(commit), str(repo))
+    # Model tokens are trained, the prompt and the observations are not.
+    mask = traj.loss_mask()
+    assert sum(mask) == sum(len(t.action_ids) for t in traj.turns)
+    assert [ids[i] for i, m in enumerate(mask) if m] == [i for t in traj.turns for i in t.action_ids]
+    # Storing and loading the episode changes nothing, even a tokenisation the tokenizer would not make.
+    back = Trajectory.from_msgpack(traj.to_msgpack())
+    assert back.token_ids() == ids and back.loss_mask() == mask
+    decoded = tiny_tokenizer.decode(ids)
+    reencoded = tiny_tokenizer.encode(decoded, add_special_tokens=False)
+    if char_level:
+        assert reencoded != ids  # re-tokenising would have changed what the model produced
+    assert back.token_ids() == ids
+    # The corrective observation reached the model.
+    assert "No tool call found" in tiny_tokenizer.decode(traj.turns[2].observation_ids)
+
+
+async def test_episode_limits(toy_repo, tiny_tokenizer):
+    repo, commit = toy_repo
+    chat = ChatFormat.from_tokenizer(tiny_tokenizer)
+    ws = LocalWorkspace(repo)
+    task = make_task(commit)
+    looping = ["<function=bash>\n<parameter=command>true</parameter>\n</function>"]
+    traj = await run_episode(task, ws, ScriptedSampler(tiny_tokenizer, looping), tiny_tokenizer, chat,
+                             EpisodeConfig(max_turns=3), episode_id="e", group_id="g")
+    assert traj.finish_reason == FinishReason.MAX_TURNS and len(traj.turns) == 3 and traj.patch == ""
+
+    prompt_len = len(build_prompt_ids(tiny_tokenizer, task, ws.workdir))
+    traj = await run_episode(task, ws, ScriptedSampler(tiny_tokenizer, looping), tiny_tokenizer, chat,
+                             EpisodeConfig(max_context_tokens=prompt_len + 120, max_turns=50), episode_id="e", group_id="g")
+    assert traj.finish_reason == FinishReason.CONTEXT_OVERFLOW
+    assert len(traj.token_ids()) <= prompt_len + 120
+
+    slow = ScriptedSampler(tiny_tokenizer, looping, delay_s=10)
+    with trio.fail_after(5):
+        traj = await run_episode(task, ws, slow, tiny_tokenizer, chat, EpisodeConfig(wall_time_s=0.2),
+                                 episode_id="e", group_id="g")
+    assert traj.finish_reason == FinishReason.TIMEOUT and traj.turns == []
+
+
+async def test_tool_errors_about_the_request_become_observations(toy_repo, tiny_tokenizer):
+    class Refusing(LocalWorkspace):
+        async def write_file(self, path, data):
+            from runtime.wire import BadRequest
+            raise BadRequest("path escapes the sandbox", field="path")
+
+    repo, commit = toy_repo
+    chat = ChatFormat.from_tokenizer(tiny_tokenizer)
+    sampler = ScriptedSampler(tiny_tokenizer, [
+        "<function=create>\n<parameter=path>../../x</parameter>\n<parameter=content>x</parameter>\n</function>",
+        "<function=submit>\n</function>"])
+    traj = await run_episode(make_task(commit), Refusing(repo), sampler, tiny_tokenizer, chat, episode_id="e", group_id="g")
+    assert traj.finish_reason == FinishReason.SUBMITTED
+    assert "path escapes the sandbox" in tiny_tokenizer.decode(traj.turns[0].observation_ids)
