@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["ChatFormat", "Tokenizer"]
+__all__ = ["ChatFormat", "TextCodec", "Tokenizer"]
 
 _A = "\u00a7ASSISTANT\u00a7"
 _O = "\u00a7OBSERVATION\u00a7"
@@ -77,3 +77,20 @@ class ChatFormat:
             marker = self.end_of_turn.rstrip("\n")
             prefix = prefix[len(marker):]
         return prefix + observation + self.observation_suffix
+
+
+class TextCodec:
+    """encode/decode for the episode's hot path.
+
+    A Hugging Face fast tokenizer's Python wrapper costs ~80 us per call; its Rust backend gives the
+    same ids in a few. Turns encode and decode once each, thousands of times a second.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self.encode = lambda text: backend.encode(text, add_special_tokens=False).ids
+            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self.encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

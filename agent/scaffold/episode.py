@@ -22,7 +22,7 @@ import trio
 from runtime.records import FinishReason, Task, Trajectory, Turn
 
 from ..workspace import Workspace
-from .chat import ChatFormat, Tokenizer
+from .chat import ChatFormat, TextCodec, Tokenizer
 from .parsing import STOP_SEQUENCES, FormatError, parse_tool_call
 from .prompts import system_prompt, task_prompt
 from .tools import Tools
@@ -105,13 +105,18 @@ async def run_episode(
     policy_version: int = 0,
     endpoint: str = "",
     diff: Any = None,
+    prompt_ids: list[int] | None = None,
+    codec: TextCodec | None = None,
 ) -> Trajectory:
     """Run one episode in `workspace` (a fresh checkout of the task) and return its trajectory.
 
-    `diff`: async callable `(base_commit) -> patch`; defaults to `workspace.diff`.
+    `diff`: async callable `(base_commit) -> patch`; defaults to `workspace.diff`. `prompt_ids`: the
+    rendered prompt when the caller has it already (the G rollouts of a task share it).
     """
     t_start = time.perf_counter()
-    prompt_ids = build_prompt_ids(tokenizer, task, workspace.workdir)
+    if prompt_ids is None:
+        prompt_ids = build_prompt_ids(tokenizer, task, workspace.workdir)
+    codec = codec or TextCodec(tokenizer)
     tools = Tools(workspace, bash_timeout_s=config.bash_timeout_s, max_observation_chars=config.max_observation_chars)
     context: list[int] = list(prompt_ids)
     turns: list[Turn] = []
@@ -132,7 +137,7 @@ async def run_episode(
             llm_s = time.perf_counter() - t0
             action_ids = list(completion.token_ids)
             context += action_ids
-            text = tokenizer.decode(action_ids, skip_special_tokens=True)
+            text = codec.decode(action_ids)
             t0 = time.perf_counter()
             observation, tool, format_error, submitted, failed = await _tool_observation(tools, text)
             tool_s = time.perf_counter() - t0
@@ -141,8 +146,7 @@ async def run_episode(
             observation_ids: list[int] = []
             if not submitted:
                 turn_closed = bool(action_ids) and action_ids[-1] in chat.stop_token_ids
-                observation_ids = list(tokenizer.encode(
-                    chat.observation_text(observation, turn_closed=turn_closed), add_special_tokens=False))
+                observation_ids = codec.encode(chat.observation_text(observation, turn_closed=turn_closed))
             overflow = len(context) + len(observation_ids) > config.max_context_tokens
             if overflow:
                 observation_ids = []  # the model never sees it: nothing to keep

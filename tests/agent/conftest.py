@@ -3,30 +3,13 @@ import subprocess
 
 import pytest
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A small byte-level BPE with a ChatML template, trained in a second (no hub download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A small byte-level BPE with a ChatML template (agent.fakes.tiny_tokenizer)."""
+    from agent.fakes import tiny_tokenizer as build
 
-    from agent.scaffold import system_prompt
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [system_prompt(), "def add(a, b):\n    return a + b\n", "<function=bash>\n<parameter=command>ls</parameter>\n</function>"]
-    tok.train_from_iterator(corpus * 20, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf.chat_template = CHATML
-    return hf
+    return build()
 
 
 @pytest.fixture

@@ -1,0 +1,222 @@
+"""Deterministic fakes of the scheduler's pluggable parts, for tests and benchmarks.
+
+`FakeNode` stands for a sandboxd node (`sandboxd.client.SandboxClient`): sandboxes are in-memory file
+maps, commands are answered by a function, and the node can be "killed" (every call then raises
+`ConnectionLost`, as a dead daemon would). `ScriptedPolicy` stands for inference endpoints: it answers
+turns from a script of texts, with optional latency and injected endpoint failures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from runtime.wire import ConnectionLost, NotFound
+
+from .workspace import ExecResult
+
+__all__ = ["CHATML_TEMPLATE", "EndpointDown", "FakeNode", "FakeSandbox", "ScriptedPolicy", "TurnReply", "tiny_tokenizer"]
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = 800) -> Any:
+    """A small byte-level BPE with a ChatML template, trained in about a second (no hub download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .scaffold import system_prompt
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [system_prompt(), "def add(a, b):\n    return a + b\n",
+              "<function=bash>\n<parameter=command>ls</parameter>\n</function>", *extra_corpus]
+    tok.train_from_iterator(corpus * 20, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+class EndpointDown(Exception):
+    """Raised by `ScriptedPolicy` for an injected endpoint failure (same name as agent.llm's)."""
+
+
+class FakeSandbox:
+    def __init__(self, node: FakeNode, sandbox_id: str, files: dict[str, bytes]) -> None:
+        self.node = node
+        self.id = sandbox_id
+        self.workdir = "/testbed"
+        self.files = dict(files)
+        self.base = dict(files)
+
+    async def __aenter__(self) -> FakeSandbox:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.destroy()
+            except (ConnectionLost, NotFound):
+                pass
+
+    async def exec(self, argv: Sequence[str] | str, *, timeout_s: float = 600.0, **kwargs: Any) -> ExecResult:
+        self.node._check()
+        await self.node._delay()
+        out = self.node.run_command(argv if isinstance(argv, str) else " ".join(argv))
+        return ExecResult(0, out, False, False, 0.0, len(out))
+
+    async def read_file(self, path: str, **kwargs: Any) -> bytes:
+        self.node._check()
+        if path not in self.files:
+            raise NotFound(f"no file {path!r}", field="path")
+        return self.files[path]
+
+    async def write_file(self, path: str, data: bytes, **kwargs: Any) -> None:
+        self.node._check()
+        self.files[path] = bytes(data)
+
+    async def diff(self, base_commit: str, **kwargs: Any) -> str:
+        self.node._check()
+        parts = []
+        for path in sorted(self.files):
+            if self.files[path] != self.base.get(path):
+                new = self.files[path].decode(errors="replace").splitlines()
+                parts.append(f"--- a/{path}\n+++ b/{path}\n@@ -1 +1,{len(new)} @@\n" + "".join(f"+{l}\n" for l in new))
+        return "".join(parts)
+
+    async def snapshot(self) -> str:
+        self.node._check()
+        return self.node._add_snapshot(self.files)
+
+    async def restore(self, snapshot: str | None = None) -> None:
+        self.node._check()
+        self.files = dict(self.node.snapshots[snapshot]) if snapshot else dict(self.base)
+
+    async def destroy(self) -> None:
+        self.node._check()
+        if self.node.sandboxes.pop(self.id, None) is None:
+            raise NotFound(f"no sandbox {self.id!r}", field="sandbox")
+
+
+class FakeNode:
+    """An in-memory sandbox node. `kill()` makes every later call fail like a dead daemon."""
+
+    def __init__(self, name: str, *, files: dict[str, bytes] | None = None,
+                 run_command: Callable[[str], bytes] | None = None, latency_s: float = 0.0) -> None:
+        self.node = name
+        self.files = files or {"pkg/calc.py": b"def add(a, b):\n    return a - b\n"}
+        self.run_command = run_command or (lambda cmd: b"ok\n")
+        self.latency_s = latency_s
+        self.sandboxes: dict[str, FakeSandbox] = {}
+        self.snapshots: dict[str, dict[str, bytes]] = {}
+        self.dead = False
+        self.created = 0
+        self._ids = itertools.count(1)
+
+    def kill(self) -> None:
+        self.dead = True
+
+    def _check(self) -> None:
+        if self.dead:
+            raise ConnectionLost(f"connection to {self.node} lost: node killed")
+
+    async def _delay(self) -> None:
+        if self.latency_s:
+            await trio.sleep(self.latency_s)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _add_snapshot(self, files: dict[str, bytes]) -> str:
+        sid = f"sn-{next(self._ids)}"
+        self.snapshots[sid] = dict(files)
+        return sid
+
+    def _new(self, files: dict[str, bytes]) -> FakeSandbox:
+        sb = FakeSandbox(self, f"sb-{next(self._ids)}", files)
+        self.sandboxes[sb.id] = sb
+        self.created += 1
+        return sb
+
+    async def create(self, image: str = "host", *, repo: str | None = None, **kwargs: Any) -> FakeSandbox:
+        self._check()
+        await self._delay()
+        return self._new(self.files)
+
+    async def fork(self, snapshot: str, **kwargs: Any) -> FakeSandbox:
+        self._check()
+        await self._delay()
+        if snapshot not in self.snapshots:
+            raise NotFound(f"no snapshot {snapshot!r}", field="snapshot")
+        return self._new(self.snapshots[snapshot])
+
+    async def delete_snapshot(self, snapshot: str) -> None:
+        self._check()
+        self.snapshots.pop(snapshot, None)
+
+
+@dataclass
+class TurnReply:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "stop"
+
+
+class ScriptedPolicy:
+    """Endpoints that answer each turn with the next text of `script` (the last one repeats).
+
+    `failure_rate`: fraction of turns that raise `EndpointDown` (seeded). `latency_s`: per turn.
+    """
+
+    def __init__(self, tokenizer: Any, script: Sequence[str], *, endpoints: Sequence[str] = ("fake://0",),
+                 failure_rate: float = 0.0, latency_s: float = 0.0, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.endpoints = list(endpoints)
+        self.failure_rate = failure_rate
+        self.latency_s = latency_s
+        self.rng = random.Random(seed)
+        self._encoded = [list(tokenizer.encode(t, add_special_tokens=False)) for t in script]
+        self._next = itertools.cycle(self.endpoints)
+        self.failures: dict[str, int] = {}
+        self.calls = 0
+
+    def assign_endpoint(self) -> str:
+        return next(self._next)
+
+    def report_failure(self, endpoint: str, exc: BaseException) -> None:
+        self.failures[endpoint] = self.failures.get(endpoint, 0) + 1
+
+    def sampler(self, endpoint: str) -> _ScriptedSampler:
+        return _ScriptedSampler(self, endpoint)
+
+
+class _ScriptedSampler:
+    def __init__(self, policy: ScriptedPolicy, endpoint: str) -> None:
+        self.policy = policy
+        self.endpoint = endpoint
+        self.turn = 0
+
+    async def complete(self, prompt_ids: list[int], *, max_tokens: int, stop: Sequence[str],
+                       stop_token_ids: Sequence[int]) -> TurnReply:
+        policy = self.policy
+        policy.calls += 1
+        if policy.latency_s:
+            await trio.sleep(policy.latency_s)
+        else:
+            await trio.lowlevel.checkpoint()
+        if policy.failure_rate and policy.rng.random() < policy.failure_rate:
+            raise EndpointDown(f"{self.endpoint}: injected failure")
+        ids = policy._encoded[min(self.turn, len(policy._encoded) - 1)]
+        self.turn += 1
+        ids = ids[: max(0, max_tokens - 1)] + [stop_token_ids[0]]
+        return TurnReply(ids, [-0.5] * len(ids))

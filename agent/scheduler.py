@@ -1,0 +1,308 @@
+"""The episode scheduler: thousands of episodes in flight over sandbox nodes and policy endpoints.
+
+A *group* is G rollouts of one task (DAPO's group for advantages). For each group the scheduler builds
+the task's environment once on a node (create + snapshot), forks one sandbox per rollout from the
+snapshot (G rollouts share one image's layers), runs the episode, restores the sandbox to the snapshot
+(milliseconds) and grades the model's patch in it, then destroys it.
+
+Bounds: sandboxes per node (`node_capacity`), episodes in flight overall (`max_episodes`), and the
+sampler's own per-endpoint in-flight limit. Each episode has turn, token and wall-time limits
+(`EpisodeConfig`). A lost sandbox node or a dead endpoint requeues the episode from its start, on
+another node or endpoint, up to `max_attempts`; after that the episode finishes with `error`. Every
+requested episode yields exactly one trajectory: none lost, none duplicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from runtime.records import FinishReason, Task, Trajectory
+
+from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompt_ids, run_episode
+from .scaffold.chat import TextCodec
+
+__all__ = ["Grader", "NodeLost", "Policy", "RolloutResult", "Scheduler", "SchedulerConfig"]
+
+log = logging.getLogger("swe_dapo.scheduler")
+
+
+class Policy(Protocol):
+    """Where turns are sampled: endpoint assignment (episodes stick to one) and a sampler per endpoint."""
+
+    def assign_endpoint(self) -> str: ...
+    def sampler(self, endpoint: str) -> Sampler: ...
+    def report_failure(self, endpoint: str, exc: BaseException) -> None: ...
+
+
+class Grader(Protocol):
+    async def __call__(self, task: Task, patch: str, workspace: Any, *, timeout_s: float) -> Any: ...
+
+
+class NodeLost(Exception):
+    """A sandbox node stopped answering (raised by adapters; `ConnectionLost` is treated the same)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_episodes: int = 4096  # episodes in flight across all nodes
+    node_capacity: int = 256  # sandboxes in flight per node
+    max_attempts: int = 3  # an episode lost to infrastructure is retried this many times in all
+    grade_timeout_s: float = 900.0
+    setup_timeout_s: float = 600.0  # create + snapshot of a task's environment
+    episode_workdir: str = "/testbed"  # where the repository is inside a sandbox
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+
+
+@dataclass
+class RolloutResult:
+    trajectory: Trajectory
+    grade: dict[str, Any] | None
+    attempts: int
+    error: str | None = None  # why the episode finished with `error`
+
+
+def _is_infrastructure_error(exc: BaseException) -> bool:
+    """Errors that are the infrastructure's, not the model's: the episode is retried elsewhere."""
+    from runtime.wire import ConnectionLost, RpcTimeout
+
+    if isinstance(exc, (NodeLost, ConnectionLost, RpcTimeout, OSError)):
+        return True
+    # agent.llm's EndpointDown / RequestTimeout, or any error that says it is about an endpoint.
+    return type(exc).__name__ in {"EndpointDown", "RequestTimeout", "LLMError", "BadResponse"}
+
+
+class _Node:
+    def __init__(self, client: Any, capacity: int) -> None:
+        self.client = client
+        self.name = getattr(client, "node", repr(client))
+        self.limiter = trio.CapacityLimiter(capacity)
+        self.healthy = True
+        self.failures = 0
+        self.snapshots: dict[str, str] = {}  # task id -> snapshot of its environment on this node
+        self.setup_locks: dict[str, trio.Lock] = {}
+        self.users: dict[str, int] = {}  # task id -> groups using its snapshot
+
+
+RewardFn = Callable[[Task, Trajectory, Any], float]
+
+
+def task_checkout(task: Task) -> str | None:
+    """The directory on the node to copy to /testbed, or None when the image already holds the repo.
+
+    Toy and locally built tasks carry it as ``metadata["repo_path"]`` or as an absolute `repo`; SWE-bench
+    style tasks name their repository (``django/django``) and ship it inside their image.
+    """
+    path = task.metadata.get("repo_path") if task.metadata else None
+    if isinstance(path, str) and path:
+        return path
+    return task.repo if task.repo.startswith("/") else None
+
+
+def execution_reward(task: Task, trajectory: Trajectory, report: Any) -> float:
+    return 1.0 if report is not None and getattr(report, "resolved", False) else 0.0
+
+
+class Scheduler:
+    """Runs groups of rollouts; see the module docstring."""
+
+    def __init__(
+        self,
+        nodes: Sequence[Any],
+        policy: Policy,
+        tokenizer: Tokenizer,
+        grader: Grader,
+        config: SchedulerConfig = SchedulerConfig(),
+        *,
+        reward_fn: RewardFn = execution_reward,
+        on_result: Callable[[RolloutResult], Awaitable[None] | None] | None = None,
+        chat: ChatFormat | None = None,
+    ) -> None:
+        if not nodes:
+            raise ValueError("Scheduler needs at least one sandbox node")
+        self.nodes = [_Node(n, config.node_capacity) for n in nodes]
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.chat = chat or ChatFormat.from_tokenizer(tokenizer)
+        self.grader = grader
+        self.config = config
+        self.reward_fn = reward_fn
+        self.on_result = on_result
+        self.codec = TextCodec(tokenizer)
+        self._prompts: dict[str, list[int]] = {}  # task id -> rendered prompt (shared by its rollouts)
+        self.episode_limiter = trio.CapacityLimiter(config.max_episodes)
+        self.counters: dict[str, int] = {"started": 0, "finished": 0, "retried": 0, "errors": 0, "resolved": 0,
+                                         "running": 0}
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    def _pick_node(self, exclude: set[str]) -> _Node:
+        healthy = [n for n in self.nodes if n.healthy and n.name not in exclude] or [
+            n for n in self.nodes if n.name not in exclude] or self.nodes
+        return min(healthy, key=lambda n: n.limiter.borrowed_tokens / n.limiter.total_tokens)
+
+    def _node_failed(self, node: _Node, exc: BaseException) -> None:
+        node.failures += 1
+        node.snapshots.clear()  # whatever it held is gone with it
+        node.users.clear()
+        log.warning("sandbox node %s failed (%s); its episodes are requeued", node.name, exc)
+
+    async def _environment(self, node: _Node, task: Task) -> str:
+        """The snapshot of `task`'s environment on `node`, built once per node and task."""
+        lock = node.setup_locks.setdefault(task.id, trio.Lock())
+        async with lock:
+            snap = node.snapshots.get(task.id)
+            if snap is None:
+                with trio.fail_after(self.config.setup_timeout_s):
+                    sandbox = await node.client.create(task.image, repo=task_checkout(task))
+                    try:
+                        snap = await sandbox.snapshot()
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await sandbox.destroy()
+                node.snapshots[task.id] = snap
+            node.users[task.id] = node.users.get(task.id, 0) + 1
+            return snap
+
+    async def _release_environment(self, node: _Node, task: Task) -> None:
+        left = node.users.get(task.id, 0) - 1
+        if left > 0:
+            node.users[task.id] = left
+            return
+        node.users.pop(task.id, None)
+        snap = node.snapshots.pop(task.id, None)
+        if snap is not None:
+            with trio.CancelScope(shield=True):
+                try:
+                    await node.client.delete_snapshot(snap)
+                except Exception as exc:  # the node may be gone; the daemon sweeps on restart
+                    log.debug("could not delete snapshot %s on %s: %s", snap, node.name, exc)
+
+    # -- one rollout ------------------------------------------------------------------------------
+
+    async def _attempt(self, node: _Node, task: Task, endpoint: str, episode_id: str, group_id: str,
+                       policy_version: int) -> RolloutResult:
+        snap = await self._environment(node, task)
+        try:
+            async with node.limiter:
+                sandbox = await node.client.fork(snap)
+                async with sandbox:
+                    trajectory = await run_episode(
+                        task, sandbox, self.policy.sampler(endpoint), self.tokenizer, self.chat, self.config.episode,
+                        episode_id=episode_id, group_id=group_id, policy_version=policy_version, endpoint=endpoint,
+                        prompt_ids=self._prompt(task, sandbox.workdir), codec=self.codec)
+                    report = None
+                    if trajectory.patch.strip():
+                        await sandbox.restore(snap)  # a fresh checkout for grading, in milliseconds
+                        report = await self.grader(task, trajectory.patch, sandbox, timeout_s=self.config.grade_timeout_s)
+        finally:
+            await self._release_environment(node, task)
+        resolved = bool(getattr(report, "resolved", False))
+        reward = float(self.reward_fn(task, trajectory, report))
+        grade = report.to_dict() if hasattr(report, "to_dict") else None
+        trajectory = dataclasses.replace(trajectory, reward=reward, resolved=resolved if report is not None else False)
+        return RolloutResult(trajectory, grade, 0)
+
+    async def rollout(self, task: Task, *, episode_id: str, group_id: str, policy_version: int = 0) -> RolloutResult:
+        """One episode of `task`, graded; retried from its start on infrastructure failures."""
+        excluded_nodes: set[str] = set()
+        last_exc: BaseException | None = None
+        async with self.episode_limiter:
+            self.counters["started"] += 1
+            self.counters["running"] += 1
+            try:
+                for attempt in range(1, self.config.max_attempts + 1):
+                    node = self._pick_node(excluded_nodes)
+                    endpoint = self.policy.assign_endpoint()
+                    try:
+                        result = await self._attempt(node, task, endpoint, episode_id, group_id, policy_version)
+                        node.healthy = True
+                        result.attempts = attempt
+                        break
+                    except Exception as exc:
+                        if not _is_infrastructure_error(exc):
+                            # A bug, not an outage: retrying will not help, and raising would take the
+                            # other episodes of the batch down with this one. Keep it as data.
+                            log.exception("episode %s failed", episode_id)
+                            self.counters["errors"] += 1
+                            result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
+                                                   None, attempt, f"{type(exc).__name__}: {exc}")
+                            break
+                        last_exc = exc
+                        self.counters["retried"] += 1
+                        if type(exc).__name__ in {"EndpointDown", "RequestTimeout", "LLMError", "BadResponse"}:
+                            self.policy.report_failure(endpoint, exc)
+                        else:
+                            self._node_failed(node, exc)
+                            node.healthy = False
+                            excluded_nodes.add(node.name)
+                            if len(excluded_nodes) == len(self.nodes):
+                                excluded_nodes.clear()
+                        log.info("episode %s attempt %d failed (%s: %s); requeued", episode_id, attempt,
+                                 type(exc).__name__, exc)
+                else:
+                    self.counters["errors"] += 1
+                    result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
+                                           None, self.config.max_attempts, f"{type(last_exc).__name__}: {last_exc}")
+            finally:
+                self.counters["running"] -= 1
+        self.counters["finished"] += 1
+        self.counters["resolved"] += bool(result.trajectory.resolved)
+        if self.on_result is not None:
+            maybe = self.on_result(result)
+            if maybe is not None:
+                await maybe
+        return result
+
+    def _prompt(self, task: Task, workdir: str) -> list[int]:
+        key = f"{task.id}\0{workdir}"
+        ids = self._prompts.get(key)
+        if ids is None:
+            if len(self._prompts) > 65536:  # bounded: a long run sees many tasks
+                self._prompts.clear()
+            ids = self._prompts[key] = build_prompt_ids(self.tokenizer, task, workdir)
+        return ids
+
+    def _error_trajectory(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> Trajectory:
+        return Trajectory(episode_id=episode_id, task_id=task.id, group_id=group_id,
+                          prompt_ids=self._prompt(task, self.config.episode_workdir), turns=[], reward=0.0,
+                          finish_reason=FinishReason.ERROR, policy_version=policy_version,
+                          metrics={"error": 1.0}, patch="", resolved=None)
+
+    # -- groups -----------------------------------------------------------------------------------
+
+    async def run_group(self, task: Task, n: int, *, group_id: str, policy_version: int = 0) -> list[RolloutResult]:
+        """`n` rollouts of `task` (one DAPO group), concurrently; results in rollout order."""
+        results: list[RolloutResult | None] = [None] * n
+
+        async def one(i: int) -> None:
+            results[i] = await self.rollout(task, episode_id=f"{group_id}/{i}", group_id=group_id,
+                                            policy_version=policy_version)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        return [r for r in results if r is not None]
+
+    async def run_groups(self, groups: Sequence[tuple[Task, int, str]], *, policy_version: int = 0) -> list[list[RolloutResult]]:
+        """Many groups concurrently (bounded by the scheduler's limits); results in input order."""
+        out: list[list[RolloutResult]] = [[] for _ in groups]
+
+        async def one(i: int, task: Task, n: int, group_id: str) -> None:
+            out[i] = await self.run_group(task, n, group_id=group_id, policy_version=policy_version)
+
+        async with trio.open_nursery() as nursery:
+            for i, (task, n, group_id) in enumerate(groups):
+                nursery.start_soon(one, i, task, n, group_id)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "nodes": {n.name: {"healthy": n.healthy, "failures": n.failures,
+                                                     "in_use": n.limiter.borrowed_tokens} for n in self.nodes},
+                "time": time.time()}

@@ -1,0 +1,115 @@
+"""The scheduler: groups of rollouts over nodes and endpoints, failures requeued, nothing lost or
+duplicated; and one end-to-end run on real ns sandboxes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from agent.fakes import FakeNode, ScriptedPolicy
+from agent.scaffold import EpisodeConfig
+from agent.scheduler import Scheduler, SchedulerConfig
+from runtime.records import FinishReason, Task
+
+FIX = [
+    "<function=view>\n<parameter=path>pkg/calc.py</parameter>\n</function>",
+    "<function=str_replace>\n<parameter=path>pkg/calc.py</parameter>\n<parameter=old>a - b</parameter>\n"
+    "<parameter=new>a + b</parameter>\n</function>",
+    "<function=submit>\n</function>",
+]
+
+
+@dataclass
+class Report:
+    resolved: bool
+
+    def to_dict(self):
+        return {"resolved": self.resolved}
+
+
+async def patch_grader(task, patch, workspace, *, timeout_s):
+    """Resolved when the patch makes add() add (checked on the patch text: fake sandboxes run nothing)."""
+    return Report("+    return a + b" in patch)
+
+
+def task(i: int = 0, repo: str = "toy/calc") -> Task:
+    return Task(id=f"calc-{i}", repo=repo, base_commit="HEAD", problem_statement="add() subtracts.", image="host",
+                test_patch="", FAIL_TO_PASS=["test_add"], PASS_TO_PASS=[], test_command="true", log_parser="pytest")
+
+
+async def test_groups_run_and_are_graded(tiny_tokenizer):
+    nodes = [FakeNode("n0"), FakeNode("n1")]
+    seen = []
+    sched = Scheduler(nodes, ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, patch_grader,
+                      SchedulerConfig(node_capacity=8), on_result=seen.append)
+    groups = await sched.run_groups([(task(i), 4, f"g{i}") for i in range(6)], policy_version=3)
+    assert [len(g) for g in groups] == [4] * 6
+    trajs = [r.trajectory for g in groups for r in g]
+    assert all(t.resolved and t.reward == 1.0 and t.finish_reason == FinishReason.SUBMITTED for t in trajs)
+    assert all(t.policy_version == 3 for t in trajs)
+    assert [r.trajectory.episode_id for r in groups[2]] == ["g2/0", "g2/1", "g2/2", "g2/3"]
+    assert len(seen) == 24 and sched.counters["finished"] == 24 and sched.counters["resolved"] == 24
+    # G rollouts of a task fork one snapshot: one create per task and node, one fork per rollout.
+    assert sum(n.created for n in nodes) <= 24 + 2 * 6
+    assert all(not n.sandboxes and not n.snapshots for n in nodes)  # everything cleaned up
+
+
+async def test_node_killed_and_endpoint_failures_lose_and_duplicate_nothing(tiny_tokenizer, autojump_clock):
+    nodes = [FakeNode("n0", latency_s=0.01), FakeNode("n1", latency_s=0.01), FakeNode("n2", latency_s=0.01)]
+    policy = ScriptedPolicy(tiny_tokenizer, FIX, endpoints=["e0", "e1"], failure_rate=0.10, latency_s=0.05, seed=7)
+    finished: list[str] = []
+    sched = Scheduler(nodes, policy, tiny_tokenizer, patch_grader,
+                      SchedulerConfig(node_capacity=16, max_attempts=6),
+                      on_result=lambda r: finished.append(r.trajectory.episode_id))
+
+    async def kill_later():
+        await trio.sleep(0.3)
+        nodes[0].kill()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kill_later)
+        groups = await sched.run_groups([(task(i), 8, f"g{i}") for i in range(25)])
+    requested = {f"g{i}/{j}" for i in range(25) for j in range(8)}
+    assert len(finished) == len(requested) and set(finished) == requested  # exactly once each
+    assert sched.counters["retried"] > 0 and nodes[0].dead
+    trajs = [r.trajectory for g in groups for r in g]
+    ok = [t for t in trajs if t.finish_reason != FinishReason.ERROR]
+    assert len(ok) >= 0.95 * len(trajs) and all(t.resolved for t in ok)
+    assert not nodes[1].sandboxes and not nodes[2].sandboxes
+
+
+async def test_a_bug_in_one_episode_does_not_take_the_batch_down(tiny_tokenizer):
+    async def broken_grader(task, patch, workspace, *, timeout_s):
+        if task.id == "calc-1":
+            raise KeyError("bug in the grader")
+        return Report(True)
+
+    sched = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, broken_grader)
+    groups = await sched.run_groups([(task(i), 2, f"g{i}") for i in range(3)])
+    assert [r.trajectory.finish_reason for r in groups[1]] == [FinishReason.ERROR] * 2
+    assert "KeyError" in groups[1][0].error
+    assert all(r.trajectory.resolved for i in (0, 2) for r in groups[i])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ns sandboxes need root")
+async def test_end_to_end_on_ns_sandboxes(tiny_tokenizer, toy_repo):
+    from sandboxd.client import open_local
+
+    repo, commit = toy_repo
+
+    async def run_check(task, patch, workspace, *, timeout_s):
+        applied = await workspace.exec(["git", "apply", "-"], stdin=patch.encode(), timeout_s=30)
+        check = await workspace.exec(["python3", "-c", "from pkg.calc import add; assert add(2, 3) == 5"], timeout_s=30)
+        return Report(applied.exit_code == 0 and check.exit_code == 0)
+
+    async with open_local("ns") as node:
+        sched = Scheduler([node], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, run_check,
+                          SchedulerConfig(episode=EpisodeConfig(max_turns=5)))
+        results = await sched.run_group(task(0, str(repo)), 3, group_id="real")
+        assert [r.trajectory.resolved for r in results] == [True, True, True]
+        assert all("+    return a + b" in r.trajectory.patch for r in results)
+        stats = await node.stats()
+        assert stats["runtime"]["sandboxes"] == 0 and stats["runtime"]["snapshots"] == 0
