@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
-# Debian packages the project uses at run time or in its tests.
-APT_PACKAGES=(git util-linux)
+# Debian packages the project uses at run time or in its tests (chromium: the HTML viewer test).
+APT_PACKAGES=(git util-linux chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
