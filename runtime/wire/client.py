@@ -62,12 +62,21 @@ _MAX_READ_SIZE = 4 << 20
 _STREAM_BUFFER = 256  # notifications buffered per streaming call before the reader waits
 
 
-class _Pending:
-    __slots__ = ("task", "channel")
+# Call deadlines are kept in buckets of this many seconds, checked by one timer task per connection:
+# a CancelScope per call costs more than the rest of a small call put together. Deadlines are
+# therefore honoured to within one tick.
+_DEADLINE_TICK_S = 0.02
 
-    def __init__(self, channel: trio.MemorySendChannel | None = None) -> None:
+
+class _Pending:
+    __slots__ = ("task", "channel", "method", "timeout", "tick")
+
+    def __init__(self, channel: trio.MemorySendChannel | None = None, method: str = "", timeout: float = 0.0) -> None:
         self.task: trio.lowlevel.Task | None = None
         self.channel = channel  # streaming calls: notifications and the final outcome go here
+        self.method = method
+        self.timeout = timeout
+        self.tick = 0  # deadline bucket of a plain call (0: none)
 
 
 class _ClientConnection:
@@ -80,6 +89,7 @@ class _ClientConnection:
         self.scope = trio.CancelScope()
         self.outbox = Outbox(stream, high_water=high_water, on_error=lambda exc: self.scope.cancel())
         self.pending: dict[int, _Pending] = {}
+        self.deadlines: dict[int, set[int]] = {}  # tick -> ids of plain calls due then
         self.ids = itertools.count(1)
         self.usable = True
         self.error: BaseException | None = None
@@ -89,6 +99,7 @@ class _ClientConnection:
             with self.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.outbox.run)  # never raises: it records errors and cancels us
+                    nursery.start_soon(self._expire_deadlines)
                     task_status.started()
                     try:
                         await self._read_loop()
@@ -105,6 +116,26 @@ class _ClientConnection:
     def close(self) -> None:
         self.usable = False
         self.scope.cancel()
+
+    async def _expire_deadlines(self) -> None:
+        while True:
+            await trio.sleep(_DEADLINE_TICK_S)
+            now = int(trio.current_time() / _DEADLINE_TICK_S)
+            for tick in [t for t in self.deadlines if t <= now]:
+                for call_id in self.deadlines.pop(tick):
+                    p = self.pending.get(call_id)
+                    if p is not None and p.task is not None:
+                        self.cancel_call(call_id)  # tells the server to stop working on it
+                        trio.lowlevel.reschedule(p.task, outcome.Error(RpcTimeout(
+                            f"{p.method}: no answer from {self.address} within {p.timeout:g} s")))
+
+    def _done(self, call_id: int, p: _Pending) -> None:
+        if p.tick:
+            bucket = self.deadlines.get(p.tick)
+            if bucket is not None:
+                bucket.discard(call_id)
+                if not bucket:
+                    del self.deadlines[p.tick]
 
     async def _read_loop(self) -> None:
         codec = self.codec
@@ -125,6 +156,7 @@ class _ClientConnection:
                 if p is None:
                     continue  # the caller gave up (deadline) before the answer came
                 if p.channel is None:
+                    self._done(event.id, p)
                     reschedule(p.task, outcome.Value(event.result))
                 else:
                     await self._deliver(p, ("result", event.result))
@@ -140,6 +172,7 @@ class _ClientConnection:
                 if p is not None:
                     exc = error_from_code(event.code, event.message, event.data)
                     if p.channel is None:
+                        self._done(event.id, p)
                         reschedule(p.task, outcome.Error(exc))
                     else:
                         await self._deliver(p, ("error", exc))
@@ -158,6 +191,7 @@ class _ClientConnection:
 
     def _fail_all(self, exc: ConnectionLost) -> None:
         pending, self.pending = self.pending, {}
+        self.deadlines.clear()
         for p in pending.values():
             if p.channel is None:
                 if p.task is not None:
@@ -172,7 +206,8 @@ class _ClientConnection:
     # -- calls -------------------------------------------------------------------------------------
 
     async def start_call(self, method: str, params: dict[str, Any], p: _Pending) -> int:
-        await self.outbox.wait_writable()
+        if self.outbox.queued_bytes > self.outbox.high_water:
+            await self.outbox.wait_writable()
         if not self.usable:
             raise ConnectionLost(f"connection to {self.address} lost: {self.error}")
         call_id = next(self.ids)
@@ -182,16 +217,24 @@ class _ClientConnection:
         return call_id
 
     def cancel_call(self, call_id: int) -> None:
-        if self.pending.pop(call_id, None) is not None and self.usable:
+        p = self.pending.pop(call_id, None)
+        if p is not None:
+            self._done(call_id, p)
+        if p is not None and self.usable:
             try:
                 self.outbox.put_nowait(self.codec.send(Cancel(call_id)))
             except WireError:
                 pass
 
-    async def call(self, method: str, params: dict[str, Any]) -> Any:
-        p = _Pending()
+    async def call(self, method: str, params: dict[str, Any], timeout: float) -> Any:
+        p = _Pending(None, method, timeout)
         call_id = await self.start_call(method, params, p)
         p.task = trio.lowlevel.current_task()
+        p.tick = int((trio.current_time() + timeout) / _DEADLINE_TICK_S) + 1
+        bucket = self.deadlines.get(p.tick)
+        if bucket is None:
+            bucket = self.deadlines[p.tick] = set()
+        bucket.add(call_id)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             self.cancel_call(call_id)
@@ -286,10 +329,15 @@ class WireClient:
     async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout_s: float | None = None) -> Any:
         """Call `method` and return its result; raises the typed error the server answered with."""
         timeout = self._deadline(timeout_s)
-        with trio.move_on_after(timeout):
-            conn = await self._connection()
-            return await conn.call(method, params or {})
-        raise RpcTimeout(f"{method}: no answer from {self.address} within {timeout} s")
+        conn = self._conn
+        if conn is None or not conn.usable:  # (re)connecting: the slow path may use a cancel scope
+            start = trio.current_time()
+            with trio.move_on_after(timeout):
+                conn = await self._connection()
+            if conn is None or not conn.usable:
+                raise RpcTimeout(f"{method}: could not connect to {self.address} within {timeout} s")
+            timeout = max(timeout - (trio.current_time() - start), _DEADLINE_TICK_S)
+        return await conn.call(method, params or {}, timeout)
 
     @asynccontextmanager
     async def stream(self, method: str, params: dict[str, Any] | None = None, *,
