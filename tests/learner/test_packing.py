@@ -1,0 +1,182 @@
+"""Packing: alignment of every per-token field, boundaries, isolation, and the trajectory filters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.ops import token_logprobs
+from learner.packing import (
+    PackedRow,
+    additive_mask,
+    Sample,
+    block_causal_mask,
+    dapo_samples,
+    pack,
+    rft_samples,
+    total_loss_tokens,
+    unpack,
+    unpack_rows,
+)
+from runtime.records import FinishReason
+from tests.learner.helpers import tiny_lm, trajectory
+
+
+def test_row_fields_are_shifted_and_aligned():
+    a = Sample([1, 2, 3, 4], [0, 0, 1, 1], [0.0, 0.0, -0.5, -0.25], advantage=2.0)
+    b = Sample([5, 6, 7], [0, 1, 0], [0.0, -1.5, 0.0], advantage=-1.0)
+    (row,) = pack([a, b], max_tokens=16, pad_id=9)
+
+    assert row.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert row.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2]
+    assert row.targets.tolist() == [2, 3, 4, 9, 6, 7, 9]  # never a target across the boundary
+    assert row.loss_mask.tolist() == [0, 1, 1, 0, 1, 0, 0]
+    assert row.advantages.tolist() == [0.0, 2.0, 2.0, 0.0, -1.0, 0.0, 0.0]
+    assert row.sampler_logprobs.tolist() == [0.0, -0.5, -0.25, 0.0, -1.5, 0.0, 0.0]
+    assert row.cu_seqlens.tolist() == [0, 4, 7]
+    assert row.sample_indices == (0, 1)
+    assert (row.num_loss_tokens, row.max_seqlen) == (3, 4)
+
+
+def test_block_causal_mask_by_hand():
+    mask = block_causal_mask([0, 2, 3], length=5)  # sequences [0, 2), [2, 3), padding [3, 5)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 0],
+            [0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+    with pytest.raises(ValueError):
+        block_causal_mask([0, 4], length=3)
+
+
+samples_st = st.lists(
+    st.integers(1, 9).flatmap(
+        lambda n: st.builds(
+            Sample,
+            st.lists(st.integers(0, 99), min_size=n, max_size=n),
+            st.lists(st.integers(0, 1), min_size=n, max_size=n),
+            st.lists(st.floats(-5, 0), min_size=n, max_size=n),
+            st.floats(-2, 2),
+        )
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(samples=samples_st, max_tokens=st.integers(9, 20))
+def test_pack_round_trip(samples, max_tokens):
+    rows = pack(samples, max_tokens=max_tokens)
+    assert all(row.num_tokens <= max_tokens for row in rows)
+    assert sorted(i for row in rows for i in row.sample_indices) == list(range(len(samples)))
+
+    ids = unpack_rows([row.input_ids for row in rows], rows)
+    pos = unpack_rows([row.position_ids for row in rows], rows)
+    tgt = unpack_rows([row.targets for row in rows], rows)
+    mask = unpack_rows([row.loss_mask for row in rows], rows)
+    for s, i, p, t, m in zip(samples, ids, pos, tgt, mask):
+        assert i.tolist() == s.token_ids
+        assert p.tolist() == list(range(len(s.token_ids)))
+        assert t[:-1].tolist() == s.token_ids[1:]
+        assert m.tolist() == s.loss_mask[1:] + [0]
+    assert total_loss_tokens(rows) == sum(sum(s.loss_mask[1:]) for s in samples)
+
+
+def test_pack_first_fit_decreasing_and_limits():
+    lengths = [5, 3, 4, 2, 6]
+    samples = [Sample([1] * n, [0] * n, [0.0] * n, 0.0) for n in lengths]
+    rows = pack(samples, max_tokens=8)
+    # longest first: 6 -> row 0; 5 -> row 1; 4 -> row 2; 3 -> row 1; 2 -> row 0
+    assert [row.sample_indices for row in rows] == [(4, 3), (0, 1), (2,)]
+    with pytest.raises(ValueError, match="sample 4 has 6 tokens"):
+        pack(samples, max_tokens=5)
+
+
+def test_packed_forward_equals_separate_forwards():
+    # the block mask and restarting positions make a packed row compute what each sequence alone would
+    model = tiny_lm()
+    samples = [
+        Sample([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], [0.0] * 5, 1.0),
+        Sample([6, 7, 8], [0, 1, 1], [0.0] * 3, 1.0),
+        Sample([9, 10, 11, 12], [0, 0, 1, 0], [0.0] * 4, 1.0),
+    ]
+    (packed,) = pack(samples, max_tokens=64)
+    packed_lp = unpack(model.row_logprobs(packed)[0], packed)
+    for i, s in zip(packed.sample_indices, packed_lp):
+        (alone,) = pack([samples[i]], max_tokens=64)
+        torch.testing.assert_close(s, model.row_logprobs(alone)[0], rtol=1e-12, atol=1e-12)
+
+    # and a row with a plain causal mask (no isolation) does not
+    leaky = PackedRow(**{**packed.__dict__, "cu_seqlens": torch.tensor([0, packed.num_tokens], dtype=torch.int32)})
+    assert not torch.allclose(model.row_logprobs(leaky)[0], model.row_logprobs(packed)[0])
+
+
+def test_sample_from_trajectory_masks_prompt_and_observations():
+    traj = trajectory([1, 2], [([3, 4], [5]), ([6], [])], logprob=-0.5)
+    s = Sample.from_trajectory(traj, 0.5)
+    assert s.token_ids == [1, 2, 3, 4, 5, 6]
+    assert s.loss_mask == [0, 0, 1, 1, 0, 1]
+    assert s.sampler_logprobs == [0.0, 0.0, -0.5, -0.5, 0.0, -0.5]
+    assert s.num_loss_tokens == 3
+
+
+def test_overlong_filter_drops_truncated_trajectories():
+    done = trajectory([1], [([2, 3], [])], reward=1.0)
+    cut = trajectory([1], [([4, 5, 6], [7])], finish_reason=FinishReason.CONTEXT_OVERFLOW)
+    out_of_turns = trajectory([1], [([8], [])], finish_reason=FinishReason.MAX_TURNS)
+
+    kept = dapo_samples([done, cut, out_of_turns], [1.0, -1.0, -1.0])
+    assert [s.token_ids for s in kept] == [[1, 2, 3], [1, 8]]
+    assert [s.advantage for s in kept] == [1.0, -1.0]
+    assert total_loss_tokens(pack(kept, max_tokens=16)) == 3
+
+    unfiltered = dapo_samples([done, cut, out_of_turns], [1.0, -1.0, -1.0], overlong_filter=False)
+    assert len(unfiltered) == 3
+    custom = dapo_samples(
+        [done, cut, out_of_turns], [1.0, -1.0, -1.0],
+        truncated={FinishReason.CONTEXT_OVERFLOW, FinishReason.MAX_TURNS},
+    )
+    assert [s.token_ids for s in custom] == [[1, 2, 3]]
+
+
+def test_rft_keeps_only_resolved_trajectories():
+    trajs = [
+        trajectory([1], [([2], [])], resolved=True),
+        trajectory([1], [([3], [])], resolved=False),
+        trajectory([1], [([4], [])], resolved=None),
+        trajectory([1], [([5], [9])], resolved=True),
+    ]
+    assert [s.token_ids for s in rft_samples(trajs)] == [[1, 2], [1, 5, 9]]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_are_isolated_in_a_hugging_face_qwen2(attention):
+    # how the learner feeds a packed row to a real HF model on CPU: position ids + a 4D mask
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.Qwen2ForCausalLM(cfg).double().eval()
+    model.set_attn_implementation(attention)
+
+    def logprobs(row: PackedRow) -> torch.Tensor:
+        mask = row.attention_mask()
+        mask = mask if attention == "sdpa" else additive_mask(mask, torch.float64)
+        h = model.model(input_ids=row.input_ids[None], position_ids=row.position_ids[None],
+                        attention_mask=mask[None, None]).last_hidden_state[0]  # (T, H)
+        return token_logprobs(h, model.lm_head.weight, row.targets, chunk_size=4)[0]
+
+    samples = [Sample(list(range(3, 3 + n)), [0] + [1] * (n - 1), [0.0] * n, 1.0) for n in (5, 3, 4)]
+    (row,) = pack(samples, max_tokens=64)
+    for i, lp in zip(row.sample_indices, unpack(logprobs(row), row)):
+        torch.testing.assert_close(lp, logprobs(pack([samples[i]], max_tokens=64)[0]), rtol=1e-10, atol=1e-10)
