@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
-# Debian packages the project uses at run time or in its tests (chromium: the HTML viewer test).
-APT_PACKAGES=(git util-linux chromium)
+# Debian packages the project uses at run time or in its tests (chromium: the HTML viewer test;
+# python3-pytest: the toy tasks' tests inside `host` sandboxes, which see /usr but not this venv).
+APT_PACKAGES=(git util-linux chromium python3-pytest)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

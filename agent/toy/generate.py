@@ -161,11 +161,13 @@ def _check_count(name: str, value: object) -> int:
 
 
 def generate_suite(seed: int, n_train: int, n_heldout: int, out_dir: str | os.PathLike[str], *,
-                   levels: Sequence[int] = LEVELS, python: str = "python") -> list[Task]:
+                   levels: Sequence[int] = LEVELS, python: str = "python3") -> list[Task]:
     """Generate `n_train` + `n_heldout` toy tasks under `out_dir` (created; must be empty).
 
     Train tasks use `TRAIN_TEMPLATES`, held-out tasks `HELDOUT_TEMPLATES` (disjoint). `python` is
-    the interpreter the test command runs (it needs pytest). Returns the tasks, train first, and
+    the interpreter the test command runs, as the sandbox sees it; it needs pytest (in a `host`
+    sandbox, `python3` is Debian's /usr/bin/python3 with python3-pytest, which `make` installs).
+    Returns the tasks, train first, and
     writes them to ``out_dir/tasks.jsonl``.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):

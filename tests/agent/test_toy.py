@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,8 @@ N_HELDOUT = len(HELDOUT_TEMPLATES) * len(BUG_KINDS)
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "suite"
-    return out, generate_suite(0, N_TRAIN, N_HELDOUT, out)
+    # The interpreter running these tests has pytest; a bare `python` on PATH may not.
+    return out, generate_suite(0, N_TRAIN, N_HELDOUT, out, python=shlex.quote(sys.executable))
 
 
 def git(repo, *args):
@@ -69,7 +71,7 @@ def test_task_records(suite):
     for task in tasks:
         assert task.image == "host" and task.log_parser == "pytest"
         assert Path(task.repo).is_absolute() and Path(task.repo).is_relative_to(out)
-        assert task.test_command.startswith(TEST_COMMAND.format(python="python") + " tests/")
+        assert task.test_command.startswith(TEST_COMMAND.format(python=shlex.quote(sys.executable)) + " tests/")
         assert task.FAIL_TO_PASS and task.PASS_TO_PASS and not set(task.FAIL_TO_PASS) & set(task.PASS_TO_PASS)
         assert task.gold_patch.startswith("diff --git a/") and task.test_patch.startswith("diff --git a/tests/")
     lines = (out / "tasks.jsonl").read_text().splitlines()
