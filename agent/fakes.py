@@ -20,7 +20,8 @@ from runtime.wire import ConnectionLost, NotFound
 
 from .workspace import ExecResult
 
-__all__ = ["CHATML_TEMPLATE", "EndpointDown", "FakeNode", "FakeSandbox", "ScriptedPolicy", "TurnReply", "tiny_tokenizer"]
+__all__ = ["CHATML_TEMPLATE", "CallablePolicy", "EndpointDown", "FakeNode", "FakeSandbox", "ScriptedPolicy", "TurnReply",
+           "tiny_tokenizer"]
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -220,3 +221,43 @@ class _ScriptedSampler:
         self.turn += 1
         ids = ids[: max(0, max_tokens - 1)] + [stop_token_ids[0]]
         return TurnReply(ids, [-0.5] * len(ids))
+
+
+class CallablePolicy:
+    """In-process endpoints answering with a fake_llm-style policy: `fn(prompt_ids, request) -> ids`.
+
+    The scheduler's `Policy` without HTTP: for tests and benchmarks of everything but the network.
+    """
+
+    def __init__(self, fn: Callable[[list[int], Any], Sequence[int]], *, endpoints: Sequence[str] = ("inproc://0",)) -> None:
+        self.fn = fn
+        self.endpoints = list(endpoints)
+        self._next = itertools.cycle(self.endpoints)
+        self.failures: dict[str, int] = {}
+
+    def assign_endpoint(self) -> str:
+        return next(self._next)
+
+    def report_failure(self, endpoint: str, exc: BaseException) -> None:
+        self.failures[endpoint] = self.failures.get(endpoint, 0) + 1
+
+    def sampler(self, endpoint: str) -> _CallableSampler:
+        return _CallableSampler(self.fn)
+
+
+class _CallableSampler:
+    def __init__(self, fn: Callable[[list[int], Any], Sequence[int]]) -> None:
+        self.fn = fn
+
+    async def complete(self, prompt_ids: list[int], *, max_tokens: int, stop: Sequence[str],
+                       stop_token_ids: Sequence[int]) -> TurnReply:
+        await trio.lowlevel.checkpoint()
+        ids = list(self.fn(prompt_ids, None))
+        finish = "stop"
+        for i, tok in enumerate(ids):
+            if tok in stop_token_ids:
+                ids = ids[: i + 1]  # like vLLM: the stop token is kept
+                break
+        if len(ids) > max_tokens:
+            ids, finish = ids[:max_tokens], "length"
+        return TurnReply(ids, [-0.5] * len(ids), finish)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Create or reuse .venv and install what is missing: Debian packages (apt, only when
-# missing), then the project with its dev extra. Idempotent and quiet when nothing changed.
+# missing), then the project with its dev and podman extras. Idempotent and quiet when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 # Debian packages the project uses at run time or in its tests (chromium: the HTML viewer test;
-# python3-pytest: the toy tasks' tests inside `host` sandboxes, which see /usr but not this venv).
-APT_PACKAGES=(git util-linux chromium python3-pytest)
+# python3-pytest: the toy tasks' tests inside `host` sandboxes, which see /usr but not this venv;
+# podman with runc, not crun, which fails on hybrid cgroups; catatonit, which podman only recommends).
+APT_PACKAGES=(git util-linux chromium python3-pytest podman runc catatonit)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -34,6 +35,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     pip_args=(-q --disable-pip-version-check)
     # The CPU build of torch ships as a local wheel on the build machines.
     [ -d /opt/wheels ] && pip_args+=(--find-links /opt/wheels)
-    "$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    "$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[dev,podman]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     echo "$want" > "$stamp"
 fi
