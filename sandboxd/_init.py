@@ -1,51 +1,59 @@
-"""The init of one sandbox: pid 1 of its pid namespace, the executor that forks its commands.
+"""The init of one sandbox: pid 1 of its pid namespace, the executor that spawns its commands.
 
-Run as a script (`python -I -S sandboxd/_init.py FD`) from sandboxd's mount thread, with its end
-of a SOCK_SEQPACKET socketpair at fd FD; the first datagram is the configuration (JSON).
-Standard library only, and everything imported before pivot_root (nothing can be after).
+Forked by the zygote (`_zygote.py`) ahead of time as the first process of a new pid namespace:
+an *embryo* (`embryo()`) sets PDEATHSIG (it dies with the zygote, which dies with the daemon),
+makes itself non-dumpable, unshares its mount, net, ipc and uts namespaces, sets the hostname,
+brings `lo` up (the only interface), empties its capability bounding set (no_new_privs,
+securebits: root gets nothing on execve, locked; init keeps its own capabilities, nothing it
+spawns has any), then waits. Handed a sandbox, it gets
+  fds[0]   its end of a SOCK_SEQPACKET socketpair to the daemon (the init channel)
+  fds[1]   a detached copy of the sandbox's shell mount tree (open_tree(2) by the mount thread)
+  fds[2:]  the sandbox's cgroup directories (O_PATH), see cgroups.py
+and becomes its init. Standard library only, everything imported by the zygote before it forked
+(nothing can be imported after pivot_root).
 
-Start-up:
-  keeper  joins init's cgroup, opens the command cgroups' directories, unshare(mnt, pid, net, ipc, uts, cgroup), forks init,
-          tells the daemon init's host pid, then only waits for it (PDEATHSIG: dies with the
-          daemon's mount thread; init dies with it).
-  init    (pid 1) makes every mount a slave (the daemon's mounts on <shell>/m still propagate in),
-          brings `lo` up (the only interface), pivot_root()s into the shell (a tmpfs holding only
-          the mount point `m`) and detaches the old root: no host path is reachable from here.
-          Then it sets itself non-dumpable and says `ready`.
+Start-up (`Init.setup`): joins its cgroups, unshare(cgroup), attaches the shell tree and makes
+every mount a slave (the daemon's later mounts in the shell still propagate in), pivot_root()s
+into the shell (a tmpfs holding only the sandbox's roots, see roots.py) and detaches the old
+root: no host path is reachable from here. Then it says `ready`.
 
 Requests (JSON, one per datagram, fds by SCM_RIGHTS) and replies:
-  exec {id, argv, env, cwd, cgroups} + [stdin, output]  -> {id, pid} | {id, error, field}
-                                                       later {id, exit}
-  kill_all {id, wait}  SIGKILL every process of the namespace (kill(-1) from pid 1 is atomic
-                  against forks) and unmount /m/proc -> {id, ok}; the processes are reaped before
-                  the reply with `wait`, else right after it (before the next request is read)
-  mount_proc {id} mount a fresh proc on /m/proc (after the daemon remounted /m) -> {id, ok}
+  exec {id, argv, env, cwd} + [stdin, output]  -> {id, pid, group} | {id, error, field, kind}
+                                                  later {id, exit}
+  kill_all {id, wait, unmount_proc}  SIGKILL every process of the namespace (kill(-1) from
+                  pid 1 is atomic against forks) -> {id, ok}; the processes are reaped before the
+                  reply with `wait`, else right after it (before the next request is read); with
+                  `unmount_proc`, the current root's /proc goes too (the daemon unmounts that root)
+  switch_root {id, root}  the daemon mounted root generation `root`: mount a proc in it, make it
+                  the root of every later command -> {id, ok}; then let go of the previous root
+                  (unmount its proc) and say so: {released: <previous root>}
 
-A command's child: new session, default signal dispositions, joins its exec cgroup, chroot("/m"),
-chdir(cwd), stdio from the passed fds, every other fd closed, then drops every capability
-(bounding set, securebits, no_new_privs, capset) right before execve. It can neither reach the
-shell (no CAP_SYS_CHROOT, and user namespaces are refused to chrooted processes) nor init
-(non-dumpable: /proc/1/root and ptrace need CAP_SYS_PTRACE).
+A command is posix_spawn()ed (vfork + exec: nothing of init's memory is copied or torn down),
+in a new session with default signal dispositions, stdio from the passed fds and every other fd
+closed, chdir'ed to its cwd. For the call, init chroot()s into the current root and joins the
+command's exec cgroup, which the child inherits; then init goes back to the shell and to its own
+cgroups. Its cwd and PATH are resolved in the root with openat2(RESOLVE_IN_ROOT), never through
+/proc magic links (they would resolve in init's context). The command can neither reach the shell (no CAP_SYS_CHROOT, and user namespaces are refused to
+chrooted processes) nor init (non-dumpable: /proc/1/root and ptrace need CAP_SYS_PTRACE).
 """
 
 import array
 import errno
+import fcntl  # noqa: F401  linux.set_loopback_up imports it
 import json
 import os
 import select
 import signal
 import socket
-import sys
+import stat
 import traceback
-import warnings  # noqa: F401  os.execvpe imports it; nothing can be imported after pivot_root
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sandboxd import linux  # noqa: E402
+from sandboxd import linux
 
 MAX_MESSAGE = 1 << 20
-# Commands ready to go. A spare takes a few ms to get ready (a cgroup migration may wait for an
-# RCU grace period), so two keep back-to-back execs off that path.
-SPARES = 2
+SHELL_MOUNT_POINT = "/s"  # in the zygote's root, where init attaches its shell tree
+HOSTNAME = "sandbox"
+MAX_FDS = 16
 
 
 def send(sock, msg):
@@ -55,86 +63,149 @@ def send(sock, msg):
         os._exit(0)  # the daemon is gone
 
 
-def keeper(cfg, sock):
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != cfg["parent_pid"]:
-        os._exit(1)  # the daemon died before we set PDEATHSIG
-    for path in cfg["cgroup_procs"]:
-        with open(path, "w") as f:
-            f.write("0")
-    exec_dir_fds = [os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for d in cfg["exec_dirs"]]
-    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWNET | linux.CLONE_NEWIPC
-                  | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            Init(cfg, sock, exec_dir_fds).run()
-        except BaseException as exc:
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            send(sock, {"fatal": f"{type(exc).__name__}: {exc} (at {where.name}:{where.lineno})"})
-        os._exit(1)
-    for fd in exec_dir_fds:
-        os.close(fd)
-    send(sock, {"init_pid": pid})
-    sock.close()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    _, status = os.waitpid(pid, 0)
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-
-
 def recv_with_fds(sock, max_fds):
     data, ancdata, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(max_fds * 4))
     fds = array.array("i")
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    for fd in fds:
+        os.set_inheritable(fd, False)
     return data, list(fds)
 
 
-class Init:
-    """pid 1. Keeps *spares*: children already in its own exec cgroup, with default signal
-    dispositions, a new session and an empty capability bounding set, blocked on a socket. An
-    exec request is handed to the spare, which only has to chroot, chdir, take its stdio, drop
-    its last capabilities and execve; the next spare is forked after the reply. Cgroup migration
-    (which may wait for an RCU grace period) and the fork stay off the exec round trip."""
+def embryo(sock):
+    """In the zygote's fresh child: the part of an init's start-up that does not depend on its
+    sandbox, done before one asks; then wait for one (`start`). Never returns."""
+    try:
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+        linux.set_process_name("init")  # what the sandbox sees as pid 1's cmdline
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWNET | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        linux.sethostname(HOSTNAME)
+        linux.set_loopback_up()
+        # For everything spawned from here on; init keeps its own effective capabilities.
+        linux.prepare_drop_capabilities()
+        linux.clear_inheritable_capabilities()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTSTP,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        data, fds = recv_with_fds(sock, MAX_FDS)
+    except BaseException:
+        os._exit(1)  # the zygote hands out live embryos only
+    if not data:
+        os._exit(0)
+    sock.close()
+    start(json.loads(data), fds)
 
-    def __init__(self, cfg, sock, exec_dir_fds):
+
+def start(cfg, fds):
+    """Become the init of the sandbox that `cfg` and `fds` describe; never returns."""
+    sock = socket.socket(fileno=fds[0])
+    try:
+        Init(cfg, sock, fds[1], fds[2:]).run()
+    except BaseException as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        send(sock, {"fatal": f"{type(exc).__name__}: {exc} (at {where.name}:{where.lineno})"})
+    os._exit(1)
+
+
+class ExecError(Exception):
+    def __init__(self, text, field, kind):
+        super().__init__(text)
+        self.reply = {"error": text, "field": field, "kind": kind}
+
+
+# Paths a command names are resolved in its root as its own lookups would be (absolute symlinks
+# and `..` stay inside), and never through /proc magic links, which would resolve in init's
+# context (its fds, its root), not the command's.
+IN_ROOT = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS
+
+
+def find_command(root_fd, name, path_env, cwd):
+    """execvp's search: the first regular executable file named `name` on PATH (relative entries
+    from the command's cwd); the path to exec, as the command sees it."""
+    if "/" in name:
+        return name
+    for d in (path_env or "/usr/bin:/bin").split(":"):
+        candidate = os.path.join(cwd, d, name)
+        try:
+            fd = linux.openat2(root_fd, candidate, os.O_PATH, 0, IN_ROOT)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return candidate
+    raise ExecError(f"command not found: {name!r}", "argv", "not_found")
+
+
+class Init:
+    def __init__(self, cfg, sock, tree_fd, cgroup_fds):
         self.cfg = cfg
         self.sock = sock
-        self.exec_dir_fds = exec_dir_fds
+        self.tree_fd = tree_fd
+        self.cgroup_fds = cgroup_fds
+        self.home = [self.open_cgroup_file(entry, "") for entry in cfg["init_join"]]
+        self.shell_fd = -1
+        self.root = ""  # the current root generation, a directory of the shell
+        self.root_fd = -1  # and an fd of it; closed once the root is replaced (it would pin it)
+        self.proc_on = None  # the root whose /proc is mounted
         self.execs = {}  # pid -> request id, for the exec's main process
-        self.group_of = {}  # pid -> exec cgroup, for every spare and exec main process
+        self.group_of = {}  # pid -> exec cgroup, for every exec main process
         self.lingering = set()  # exec cgroups whose main process exited but others run on
-        self.spares = []  # [(pid, socket, group)], oldest first
         self.counter = 0
 
+    def open_cgroup_file(self, index_rel, group):
+        index, rel = index_rel
+        return os.open(rel.replace("{group}", group), os.O_WRONLY | os.O_CLOEXEC, dir_fd=self.cgroup_fds[index])
+
+    def join_home(self):
+        for fd in self.home:
+            os.write(fd, b"0")
+
     def setup(self):
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        self.join_home()
+        linux.unshare(linux.CLONE_NEWCGROUP)  # its root: the group just joined
+        linux.move_mount(self.tree_fd, SHELL_MOUNT_POINT)
+        os.close(self.tree_fd)
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
-        linux.sethostname(self.cfg["hostname"])
-        linux.set_loopback_up()
-        os.chdir(self.cfg["shell"])
+        os.chdir(SHELL_MOUNT_POINT)
         linux.pivot_root(".", ".old")
         os.chdir("/")
         linux.umount("/.old", linux.MNT_DETACH)
         os.rmdir("/.old")
         linux.mount(None, "/", None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
-        self.mount_proc()
-        linux.prctl(linux.PR_SET_DUMPABLE, 0)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTSTP,
-                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_IGN)
+        self.shell_fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.switch_root(self.cfg["root"])
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
 
-    def mount_proc(self):
-        linux.mount("proc", "/m/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    def switch_root(self, root):
+        """Make `root` (a directory of the shell, where the daemon mounted a root) the current
+        root; returns the previous one, still to be released."""
+        if "/" in root or root.startswith("."):
+            raise OSError(errno.EINVAL, f"bad root name {root!r}")
+        linux.mount("proc", f"/{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        old, old_fd = self.root, self.root_fd
+        self.root, self.proc_on = root, root
+        self.root_fd = os.open(f"/{root}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if old_fd >= 0:
+            os.close(old_fd)
+        return old
+
+    def unmount_proc(self, root):
+        try:
+            linux.umount(f"/{root}/proc", linux.MNT_DETACH)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not mounted
+                raise
 
     def run(self):
         self.setup()
-        self.make_spares()
         send(self.sock, {"ready": True})
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
@@ -164,33 +235,39 @@ class Init:
                 self.kill_all()
                 if msg.get("wait"):
                     self.reap(block=True)
+                if msg.get("unmount_proc") and self.proc_on:
+                    self.unmount_proc(self.proc_on)
+                    os.close(self.root_fd)
+                    self.root_fd, self.proc_on = -1, None
                 send(self.sock, {"id": rid, "ok": True})
-                # Reap after the reply: the daemon remounts while the killed processes exit, and
-                # the next request (mount_proc) is read only once they are all gone.
+                # Reap after the reply: the daemon mounts the new root while the killed processes
+                # exit, and the next request (switch_root) is read only once they are all gone.
                 self.reap(block=True)
-            elif op == "mount_proc":  # the last step of a restore: new spares after the reply
-                self.mount_proc()
+            elif op == "switch_root":  # the last step of a restore or snapshot
+                had_proc = self.proc_on == self.root
+                old = self.switch_root(str(msg.get("root")))
                 send(self.sock, {"id": rid, "ok": True})
-                self.make_spares()
+                if had_proc and old:
+                    self.unmount_proc(old)
+                    send(self.sock, {"released": old})
             else:
                 send(self.sock, {"id": rid, "error": f"bad request {op!r}", "field": "op"})
+        except ExecError as exc:
+            send(self.sock, {"id": rid, **exc.reply})
         except OSError as exc:
             send(self.sock, {"id": rid, "error": str(exc), "kind": "internal"})
         finally:
             for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+                os.close(fd)
 
     # ---------------------------------------------------------------- exec cgroups
 
-    def group_path(self, index_rel, group):
-        index, rel = index_rel
-        return self.exec_dir_fds[index], rel.replace("{group}", group)
+    def group_dir(self, group):
+        index, rel = self.cfg["exec_group_dir"]
+        return self.cgroup_fds[index], rel.replace("{group}", group)
 
     def group_empty(self, group):
-        fd, rel = self.group_path(self.cfg["exec_group_dir"], group)
+        fd, rel = self.group_dir(group)
         try:
             with open(os.open(f"{rel}/cgroup.procs", os.O_RDONLY, dir_fd=fd)) as f:
                 return not f.read().strip()
@@ -198,7 +275,7 @@ class Init:
             return True
 
     def remove_group(self, group):
-        fd, rel = self.group_path(self.cfg["exec_group_dir"], group)
+        fd, rel = self.group_dir(group)
         try:
             os.rmdir(rel, dir_fd=fd)
             self.lingering.discard(group)
@@ -207,118 +284,67 @@ class Init:
         except OSError:
             self.lingering.add(group)  # EBUSY: a task is still exiting; retried on the next reap
 
+    def join_group(self, group):
+        for entry in self.cfg["exec_join"]:
+            fd = self.open_cgroup_file(entry, group)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+
     # ---------------------------------------------------------------- processes
 
-    def make_spares(self):
-        while len(self.spares) < SPARES:
-            self.make_spare()
-
-    def make_spare(self):
+    def exec(self, rid, msg, fds):
+        if self.root_fd < 0:
+            raise ExecError("the sandbox root is being replaced", None, "internal")
+        argv, env = msg["argv"], msg["env"]
         group = f"x{self.counter}"
         self.counter += 1
-        fd, rel = self.group_path(self.cfg["exec_group_dir"], group)
+        fd, rel = self.group_dir(group)
         os.mkdir(rel, dir_fd=fd)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            self.spare_main(theirs, group)  # never returns
-        theirs.close()
-        self.spares.append((pid, ours, group))
-        self.group_of[pid] = group
-
-    def spare_main(self, sock, group):
-        """In the spare: get ready for any command, then wait for one (see the class docstring)."""
-        setup_error = None
         try:
-            signal.set_wakeup_fd(-1)
-            for sig in range(1, signal.NSIG):
-                if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                    try:
-                        signal.signal(sig, signal.SIG_DFL)
-                    except (OSError, ValueError):
-                        pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.setsid()
-            for index_rel in self.cfg["exec_join"]:
-                fd, rel = self.group_path(index_rel, group)
-                cg = os.open(rel, os.O_WRONLY, dir_fd=fd)
-                os.write(cg, b"0")
-                os.close(cg)
-            linux.prepare_drop_capabilities()
-            os.closerange(3, sock.fileno())  # nothing of init's: its socket, pipes, cgroup fds
-            os.closerange(sock.fileno() + 1, 1 << 16)
-        except BaseException as exc:
-            setup_error = f"preparing the command: {exc}"
-        try:
-            data, fds = recv_with_fds(sock, 3)
+            pid = self.spawn_in_root(argv, env, msg["cwd"], group, fds)
         except BaseException:
-            os._exit(0)
-        if not data or len(fds) != 3:
-            os._exit(0)  # init is gone, or garbage
-        msg = json.loads(data)
-        stdin_fd, out_fd, err_w = fds
-        stage = "setup"
-        try:
-            if setup_error:
-                raise RuntimeError(setup_error)
-            os.chroot("/m")
-            stage = "cwd"
-            os.chdir(msg["cwd"])
-            stage = "setup"
-            os.dup2(stdin_fd, 0)
-            os.dup2(out_fd, 1)
-            os.dup2(out_fd, 2)
-            os.closerange(3, err_w)
-            os.closerange(err_w + 1, 1 << 16)
-            os.set_inheritable(err_w, False)
-            linux.drop_capabilities()
-            stage = "argv"
-            os.execvpe(msg["argv"][0], msg["argv"], msg["env"])
-        except BaseException as exc:
-            err = getattr(exc, "errno", None)
-            field = {"cwd": "cwd", "argv": "argv"}.get(stage)
-            if stage == "argv" and err in (errno.ENOENT, errno.ENOTDIR):
-                text = f"command not found: {msg['argv'][0]!r}"
-            elif stage == "cwd":
-                text = f"cwd {msg['cwd']!r}: {os.strerror(err) if err else exc}"
-            else:
-                text = f"{stage}: {exc}"
-            kind = "not_found" if err in (errno.ENOENT, errno.ENOTDIR) else "bad_request"
-            body = {"error": text, "field": field, "kind": kind if field else "internal"}
-            try:
-                os.write(err_w, json.dumps(body).encode())
-            finally:
-                os._exit(127)
+            self.remove_group(group)
+            raise
+        self.execs[pid] = rid
+        self.group_of[pid] = group
+        send(self.sock, {"id": rid, "pid": pid, "group": group})
 
-    def exec(self, rid, msg, fds):
-        if not self.spares:
-            self.make_spare()
-        pid, spare_sock, group = self.spares.pop(0)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    def spawn_in_root(self, argv, env, cwd, group, fds):
         try:
-            spare_sock.sendmsg([json.dumps(msg).encode()],
-                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [*fds, err_w]))])
-        except OSError:
-            pass  # the spare died (killed by its cgroup?): err_r reads EOF-less below
+            cwd_fd = linux.openat2(self.root_fd, cwd, os.O_PATH | os.O_DIRECTORY, 0, IN_ROOT)
+        except OSError as exc:
+            kind = "not_found" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "bad_request"
+            raise ExecError(f"cwd {cwd!r}: {os.strerror(exc.errno)}", "cwd", kind) from None
+        path = None
+        try:
+            path = find_command(self.root_fd, argv[0], env.get("PATH"), cwd)
+            try:
+                self.join_group(group)  # the child inherits our cgroups and root
+                os.fchdir(self.root_fd)
+                os.chroot(".")
+                try:
+                    return linux.spawn(path, argv, env, stdin=fds[0], stdout=fds[1], stderr=fds[1],
+                                       cwd_fd=cwd_fd)
+                finally:
+                    os.fchdir(self.shell_fd)
+                    os.chroot(".")
+            finally:
+                self.join_home()
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and exc.filename == path:
+                raise ExecError(f"command not found: {argv[0]!r}", "argv", "not_found") from None
+            if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.ETXTBSY, errno.ELOOP) \
+                    and exc.filename == path:
+                raise ExecError(f"cannot execute {argv[0]!r}: {os.strerror(exc.errno)}", "argv",
+                                "bad_request") from None
+            if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+                raise ExecError(f"no new process in this sandbox: {os.strerror(exc.errno)} (its pids or "
+                                "memory limit)", "limits", "limit") from None
+            raise
         finally:
-            for fd in (*fds, err_w):
-                os.close(fd)
-            fds.clear()  # so that no later spare inherits the command's pipes
-            spare_sock.close()
-        chunks = []
-        while True:
-            chunk = os.read(err_r, 4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(err_r)
-        if chunks:
-            send(self.sock, {"id": rid, **json.loads(b"".join(chunks))})
-        else:  # exec'd (or the spare died first: its exit status tells)
-            self.execs[pid] = rid
-            send(self.sock, {"id": rid, "pid": pid, "group": group})
-        self.make_spares()
+            os.close(cwd_fd)
 
     def reap(self, block):
         while True:
@@ -331,9 +357,6 @@ class Init:
             rid = self.execs.pop(pid, None)
             if rid is not None:
                 send(self.sock, {"id": rid, "exit": os.waitstatus_to_exitcode(status)})
-            for spare in [s for s in self.spares if s[0] == pid]:
-                spare[1].close()
-                self.spares.remove(spare)
             group = self.group_of.pop(pid, None)
             if group is not None:
                 self.lingering.add(group)
@@ -346,20 +369,3 @@ class Init:
             os.kill(-1, signal.SIGKILL)  # every process of this pid namespace but pid 1
         except ProcessLookupError:
             pass
-        try:
-            linux.umount("/m/proc", linux.MNT_DETACH)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: not mounted
-                raise
-
-
-def main():
-    # The configuration comes over the socket, not argv: /proc/1/cmdline is readable in the sandbox.
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    os.set_inheritable(sock.fileno(), False)
-    cfg = json.loads(sock.recv(MAX_MESSAGE))
-    keeper(cfg, sock)
-
-
-if __name__ == "__main__":
-    main()

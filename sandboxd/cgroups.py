@@ -6,12 +6,18 @@ Layout (one sandbox `S`, per-exec child groups `x0, x1, ...` for killing one exe
          <mount>/<parent>/S/cmd      memory.max, pids.max: every command of the sandbox
          <mount>/<parent>/S/cmd/xN   one exec's processes; killed with cgroup.kill
     v1:  memory:/<parent>/S, pids:/<parent>/S   limits: every command of the sandbox
+         memory:/<parent>, pids:/<parent>       the inits of all sandboxes
          freezer:/<parent>/S         init;   freezer:/<parent>/S/xN   one exec's processes
 
 Init stays outside the limited groups, so the OOM killer of a sandbox that runs out of memory
 picks one of its commands, never its init (lowering oom_score_adj needs CAP_SYS_RESOURCE, which
-build nodes may not grant). A command joins its groups itself, before dropping its capabilities,
-through directory fds its init opened at start (`exec_dirs`; init's root has no /sys).
+build nodes may not grant). Init joins its groups itself, through directory fds the daemon hands
+to it (`dirs`; init's root has no /sys). To start a command, init joins the command's exec groups
+(`exec_join`), posix_spawn()s (the child inherits them) and goes back to its own (`init_join`).
+On v1 a single-threaded process moves by writing "0" to `tasks`, not `cgroup.procs`: moving one
+thread skips the global threadgroup lock, whose write side waits for an RCU grace period
+(milliseconds). v2 has no such file for a domain group: there each move may take that wait,
+unless the hierarchy is mounted with `favordynmods`.
 
 Killing a group: v2 writes cgroup.kill (5.14+); v1 freezes the group, SIGKILLs every task it lists
 and thaws it, so that a fork bomb or a double fork cannot outrun the kill.
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 
 __all__ = ["CgroupLimits", "Cgroups", "SandboxCgroup", "detect"]
 
-_MOUNT = "/sys/fs/cgroup"
+MOUNT = "/sys/fs/cgroup"
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,8 @@ class CgroupLimits:
 
 
 def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    # O_TRUNC as a shell's `echo > file`: cgroupfs ignores it; a plain file (tests) needs it
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
         os.write(fd, value.encode())
     finally:
@@ -50,6 +57,14 @@ def _write(path: str, value: str) -> None:
 def _read(path: str) -> str:
     with open(path, "rb") as f:
         return f.read().decode()
+
+
+def _mkdir(path: str) -> None:
+    os.mkdir(path)
+
+
+def _rmdir(path: str) -> None:
+    os.rmdir(path)
 
 
 def _pids(procs_file: str) -> list[int]:
@@ -64,7 +79,7 @@ def _rmdir_when_empty(path: str, deadline_s: float = 5.0) -> None:
     end = time.monotonic() + deadline_s
     while True:
         try:
-            os.rmdir(path)
+            _rmdir(path)
             return
         except FileNotFoundError:
             return
@@ -88,19 +103,37 @@ def _kill_listed(procs_file: str) -> int:
 class SandboxCgroup:
     """The cgroups of one sandbox, as its init sees them (it creates and removes exec groups):
 
-    init_procs_files  what init writes "0" into to join its own groups
-    exec_dirs         directories init opens before pivot_root (its root has no /sys)
-    exec_group_dir    (index into exec_dirs, path) of an exec group "{group}", to mkdir/rmdir
-    exec_join         (index into exec_dirs, cgroup.procs path) a command writes "0" into
-    exec_dir          where exec groups live, as the daemon sees it
+    dirs            directories the daemon opens (O_PATH) and hands to init, in this order;
+                    the entries below are (index into dirs, path relative to it)
+    init_join       what init writes "0" into to join its own groups
+    exec_group_dir  where an exec group "{group}" is made and removed
+    exec_join       what a command writes "0" into, before dropping its capabilities
+    exec_dir        where exec groups live, as the daemon sees it
     """
 
     version: int
-    init_procs_files: list[str]
-    exec_dirs: list[str]
+    dirs: list[str]
+    init_join: list[tuple[int, str]]
     exec_group_dir: tuple[int, str]
     exec_join: list[tuple[int, str]]
     exec_dir: str
+
+    def open_dirs(self) -> list[int]:
+        """O_PATH fds of `dirs`, for init; the caller closes them."""
+        fds: list[int] = []
+        try:
+            for d in self.dirs:
+                fds.append(os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def init_config(self) -> dict:
+        """The part of init's configuration that says where its groups are."""
+        return {"init_join": self.init_join, "exec_group_dir": self.exec_group_dir,
+                "exec_join": self.exec_join}
 
     def exec_group_pids(self, name: str) -> list[int]:
         return _pids(os.path.join(self.exec_dir, name, "cgroup.procs"))
@@ -131,19 +164,19 @@ class _V2(SandboxCgroup):
     def __init__(self, path: str, limits: CgroupLimits | None) -> None:
         self.path = path
         self.exec_dir = os.path.join(path, "cmd")
-        self.exec_dirs = [self.exec_dir]
-        self.exec_group_dir = (0, "{group}")
-        self.exec_join = [(0, "{group}/cgroup.procs")]
-        self.init_procs_files = [os.path.join(path, "init", "cgroup.procs")]
+        self.dirs = [path]
+        self.init_join = [(0, "init/cgroup.procs")]
+        self.exec_group_dir = (0, "cmd/{group}")
+        self.exec_join = [(0, "cmd/{group}/cgroup.procs")]
         if limits is None:  # an existing group (stale, from a crash)
             return
-        os.mkdir(path)
-        os.mkdir(os.path.join(path, "init"))
+        _mkdir(path)
+        _mkdir(os.path.join(path, "init"))
         try:
             _write(os.path.join(path, "cgroup.subtree_control"), "+memory +pids")
         except OSError:
             pass  # not delegated: limits are skipped where their files are missing
-        os.mkdir(self.exec_dir)
+        _mkdir(self.exec_dir)
         for name, value in (("memory.max", limits.memory_bytes), ("pids.max", limits.pids),
                             ("memory.swap.max", 0)):
             if os.path.exists(os.path.join(self.exec_dir, name)):
@@ -203,15 +236,18 @@ class _V1(SandboxCgroup):
 
     def __init__(self, paths: dict[str, str], limits: CgroupLimits | None) -> None:
         self.paths = paths  # controller -> directory
-        self.init_procs_files = [os.path.join(paths["freezer"], "cgroup.procs")]
         self.exec_dir = paths["freezer"]
-        self.exec_dirs = [paths["memory"], paths["pids"], paths["freezer"]]
+        # init lives in the runtime's memory and pids groups (outside the sandbox's limits) and in
+        # the sandbox's freezer group, whose children are the exec groups
+        self.dirs = [paths["memory"], paths["pids"], paths["freezer"], os.path.dirname(paths["memory"]),
+                     os.path.dirname(paths["pids"])]
+        self.init_join = [(3, "tasks"), (4, "tasks"), (2, "tasks")]
         self.exec_group_dir = (2, "{group}")
-        self.exec_join = [(0, "cgroup.procs"), (1, "cgroup.procs"), (2, "{group}/cgroup.procs")]
+        self.exec_join = [(0, "tasks"), (1, "tasks"), (2, "{group}/tasks")]
         if limits is None:  # an existing group (stale, from a crash)
             return
         for p in paths.values():
-            os.mkdir(p)
+            _mkdir(p)
         mem = paths["memory"]
         _write(os.path.join(mem, "memory.limit_in_bytes"), str(limits.memory_bytes))
         if os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):
@@ -275,26 +311,36 @@ class Cgroups:
 
     V1_CONTROLLERS = ("memory", "pids", "freezer")
 
-    def __init__(self, version: int, parent: str) -> None:
+    def __init__(self, version: int, parent: str, mount: str = MOUNT) -> None:
         self.version = version
         self.parent = parent.strip("/")
+        self.mount = mount
         if version == 2:
             self._ensure_v2_parent()
         else:
             for ctrl in self.V1_CONTROLLERS:
-                os.makedirs(os.path.join(_MOUNT, ctrl, self.parent), exist_ok=True)
+                self._makedirs(os.path.join(mount, ctrl), self.parent)
+
+    @staticmethod
+    def _makedirs(base: str, rel: str) -> None:
+        path = base
+        for part in rel.split("/"):
+            path = os.path.join(path, part)
+            if not os.path.isdir(path):
+                _mkdir(path)
 
     def _ensure_v2_parent(self) -> None:
         # Controllers must be enabled in every ancestor's subtree_control for memory.max/pids.max
         # to appear in a sandbox's group; the parent itself then holds no process.
-        path = _MOUNT
+        path = self.mount
         for part in self.parent.split("/"):
             try:
                 _write(os.path.join(path, "cgroup.subtree_control"), "+memory +pids")
             except OSError:
                 pass  # not delegated: limits are skipped where their files are missing
             path = os.path.join(path, part)
-            os.makedirs(path, exist_ok=True)
+            if not os.path.isdir(path):
+                _mkdir(path)
         try:
             _write(os.path.join(path, "cgroup.subtree_control"), "+memory +pids")
         except OSError:
@@ -302,40 +348,53 @@ class Cgroups:
 
     def create(self, sandbox_id: str, limits: CgroupLimits) -> SandboxCgroup:
         if self.version == 2:
-            return _V2(os.path.join(_MOUNT, self.parent, sandbox_id), limits)
-        return _V1({c: os.path.join(_MOUNT, c, self.parent, sandbox_id) for c in self.V1_CONTROLLERS}, limits)
+            return _V2(os.path.join(self.mount, self.parent, sandbox_id), limits)
+        return _V1({c: os.path.join(self.mount, c, self.parent, sandbox_id) for c in self.V1_CONTROLLERS},
+                   limits)
+
+    def _roots(self) -> list[str]:
+        if self.version == 2:
+            return [os.path.join(self.mount, self.parent)]
+        return [os.path.join(self.mount, c, self.parent) for c in self.V1_CONTROLLERS]
 
     def remove_stale(self) -> list[str]:
         """Kill and remove every sandbox group under the parent (left by a crash). Returns their names."""
         names: set[str] = set()
-        roots = ([os.path.join(_MOUNT, self.parent)] if self.version == 2
-                 else [os.path.join(_MOUNT, c, self.parent) for c in self.V1_CONTROLLERS])
-        for root in roots:
+        for root in self._roots():
             try:
                 names.update(e.name for e in os.scandir(root) if e.is_dir())
             except FileNotFoundError:
                 pass
         for name in sorted(names):
             if self.version == 2:
-                _V2(os.path.join(_MOUNT, self.parent, name), None).remove()
+                _V2(os.path.join(self.mount, self.parent, name), None).remove()
             else:
-                _V1({c: os.path.join(_MOUNT, c, self.parent, name) for c in self.V1_CONTROLLERS}, None).remove()
+                _V1({c: os.path.join(self.mount, c, self.parent, name) for c in self.V1_CONTROLLERS},
+                    None).remove()
         return sorted(names)
 
-    def remove_parent(self) -> None:
-        roots = ([os.path.join(_MOUNT, self.parent)] if self.version == 2
-                 else [os.path.join(_MOUNT, c, self.parent) for c in self.V1_CONTROLLERS])
-        for root in roots:
+    def count(self) -> int:
+        """How many sandbox groups exist under the parent (all controllers together)."""
+        n = 0
+        for root in self._roots():
             try:
-                os.rmdir(root)
+                n += sum(1 for e in os.scandir(root) if e.is_dir())
+            except FileNotFoundError:
+                pass
+        return n
+
+    def remove_parent(self) -> None:
+        for root in self._roots():
+            try:
+                _rmdir(root)
             except OSError:
                 pass
 
 
-def detect() -> int:
+def detect(mount: str = MOUNT) -> int:
     """2 on a pure cgroup v2 host, 1 where v1 memory, pids and freezer hierarchies are mounted."""
-    if os.path.exists(os.path.join(_MOUNT, "cgroup.controllers")):
+    if os.path.exists(os.path.join(mount, "cgroup.controllers")):
         return 2
-    if all(os.path.isdir(os.path.join(_MOUNT, c)) for c in Cgroups.V1_CONTROLLERS):
+    if all(os.path.isdir(os.path.join(mount, c)) for c in Cgroups.V1_CONTROLLERS):
         return 1
-    raise OSError(errno.ENOENT, "no usable cgroup hierarchy (need v2, or v1 memory+pids+freezer)", _MOUNT)
+    raise OSError(errno.ENOENT, "no usable cgroup hierarchy (need v2, or v1 memory+pids+freezer)", mount)

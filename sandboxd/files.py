@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from sandboxd import linux
 from sandboxd.errors import BadRequest, Internal, LimitExceeded, NotFound, SandboxError
 
-__all__ = ["DirEntry", "sandbox_relpath", "read_file", "write_file", "list_dir"]
+__all__ = ["DirEntry", "sandbox_relpath", "read_file", "write_file", "list_dir", "make_dirs", "copy_in"]
 
 _RESOLVE = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_MAGICLINKS
 
@@ -125,6 +125,84 @@ def _mkdirs(root_fd: int, rel_dir: str, path: str) -> None:
             finally:
                 os.close(parent)
         done = target
+
+
+def make_dirs(root_fd: int, path: str, workdir: str = "/") -> None:
+    """mkdir -p under the root (mode 0755)."""
+    rel = sandbox_relpath(path, workdir)
+    try:
+        _mkdirs(root_fd, rel, path)
+    except OSError as exc:
+        raise _translate(exc, path, "path") from exc
+
+
+def copy_in(root_fd: int, src: str, path: str) -> None:
+    """Copy the host directory `src` to `path` under the root, as `cp -a` would (modes, mtimes,
+    symlinks as they are; owners not kept). Every target is reached from the root without
+    following a symlink the image planted: such a symlink is refused (a directory) or replaced
+    (a file). LimitExceeded(field=repo) when the sandbox disk fills."""
+    rel = sandbox_relpath(path, "/")
+    try:
+        _mkdirs(root_fd, rel, path)
+        top = _open(root_fd, rel, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _copy_dir(src, top)
+        finally:
+            os.close(top)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise LimitExceeded("repo does not fit in the sandbox disk", field="repo") from exc
+        raise _translate(exc, path, "repo") from exc
+
+
+def _create_nofollow(name: str, dir_fd: int) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(name, dir_fd=dir_fd)  # a symlink where the file goes: replace it
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
+def _copy_dir(src: str, dst_fd: int) -> None:
+    with os.scandir(src) as entries:
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    os.unlink(entry.name, dir_fd=dst_fd)
+                except FileNotFoundError:
+                    pass
+                os.symlink(os.readlink(entry.path), entry.name, dir_fd=dst_fd)
+            elif stat.S_ISDIR(st.st_mode):
+                try:
+                    os.mkdir(entry.name, 0o700, dir_fd=dst_fd)
+                except FileExistsError:
+                    pass
+                sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst_fd)
+                try:
+                    _copy_dir(entry.path, sub)
+                    os.fchmod(sub, stat.S_IMODE(st.st_mode))
+                    os.utime(sub, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(sub)
+            elif stat.S_ISREG(st.st_mode):
+                out = _create_nofollow(entry.name, dst_fd)
+                try:
+                    with open(entry.path, "rb") as f:
+                        offset = 0
+                        while offset < st.st_size:
+                            sent = os.sendfile(out, f.fileno(), offset, st.st_size - offset)
+                            if sent == 0:
+                                break
+                            offset += sent
+                    os.fchmod(out, stat.S_IMODE(st.st_mode))
+                    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(out)
+            # sockets, fifos and devices of a work tree are not copied
 
 
 def write_file(root_fd: int, path: str, workdir: str, data: bytes, mode: int, parents: bool) -> None:

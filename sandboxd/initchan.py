@@ -2,6 +2,8 @@
 
 One reader task per sandbox (owned by the runtime's nursery) dispatches replies and exit
 notices to the calls waiting on them. When init dies, every waiting call fails with Internal.
+Init's first message is `ready` (or `fatal`, why its start-up failed); `ready()` waits for it.
+Other messages without an id are notices, handed to `on_notice`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import array
 import itertools
 import json
 import socket
+from typing import Callable
 
 import trio
 
@@ -46,6 +49,8 @@ class InitCall:
                 raise NotFound(text, field=field)
             if kind == "bad_request":
                 raise BadRequest(text, field=field)
+            if kind == "limit":
+                raise LimitExceeded(text, field=field)
             raise Internal(f"sandbox init: {text}")
         return self._reply
 
@@ -67,7 +72,15 @@ class InitChannel:
         self._sock = trio.socket.from_stdlib_socket(sock)
         self._calls: dict[int, InitCall] = {}
         self._ids = itertools.count(1)
+        self._ready = trio.Event()
         self.closed: str | None = None
+        self.on_notice: Callable[[dict], None] | None = None
+
+    async def ready(self) -> None:
+        """Wait for init's start-up to end; Internal (with init's reason) if it failed."""
+        await self._ready.wait()
+        if self.closed:
+            raise Internal(f"sandbox init failed to start: {self.closed}")
 
     def new_call(self) -> InitCall:
         if self.closed:
@@ -111,6 +124,13 @@ class InitChannel:
                 msg = json.loads(data)
                 call = self._calls.get(msg.get("id"))
                 if call is None:
+                    if msg.get("ready"):
+                        self._ready.set()
+                    elif "fatal" in msg:
+                        why = str(msg["fatal"])
+                        return
+                    elif "id" not in msg and self.on_notice is not None:
+                        self.on_notice(msg)
                     continue
                 if "exit" in msg:
                     call._exit = int(msg["exit"])
@@ -123,6 +143,7 @@ class InitChannel:
             why = str(exc) or type(exc).__name__
         finally:
             self.closed = why
+            self._ready.set()
             for call in self._calls.values():
                 call._fail(why)
             self._calls.clear()

@@ -2,22 +2,22 @@
 
 A thread may leave its process's mount namespace: unshare(CLONE_FS) gives it its own root and cwd,
 after which unshare(CLONE_NEWNS) is allowed. Every overlay, tmpfs and bind that sandboxd makes is
-made by this thread, in this namespace, so:
+made in this namespace, so:
 
 - the host's mount table never sees them (nothing to leak, nothing for other tools to trip on);
 - when the daemon process dies for any reason, the kernel drops the namespace and every mount in
   it: a crash leaks no mount, and startup has nothing to clean;
-- processes spawned from this thread (each sandbox's init) start in this namespace, and the
-  thread's cwd is the state directory, so overlay options use short relative paths.
+- processes spawned from this thread (the zygote) start in this namespace, and the thread's cwd
+  is the state directory, so overlay options use short relative paths.
 
-Jobs run one at a time in submission order. Background jobs (deleting an old upper, preparing a
-spare one, collecting a layer) run only when no urgent job waits, so they never sit on the
-restore path.
+Jobs run one at a time in submission order. Background jobs (unmounting an old root or upper,
+preparing a spare one, collecting a layer) run in submission order on a second thread that has
+joined the same namespace (setns), so that they never sit in front of a restore: unmounting a
+tmpfs frees its pages there, which takes milliseconds for a large upper.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import queue
@@ -39,7 +39,7 @@ _STOP = object()
 class MountThread:
     def __init__(self, cwd: str, name: str = "sandboxd-mounts") -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._background: collections.deque = collections.deque()
+        self._background: queue.Queue = queue.Queue()
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._closed = False
@@ -48,7 +48,16 @@ class MountThread:
         self._thread = threading.Thread(target=self._main, args=(cwd,), name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
+        if self._start_error is None:
+            self._ready.clear()
+            self._bg_thread = threading.Thread(target=self._background_main, args=(cwd,),
+                                               name=f"{name}-bg", daemon=True)
+            self._bg_thread.start()
+            self._ready.wait()
         if self._start_error is not None:
+            if self.tid:
+                self._jobs.put(_STOP)
+                self._thread.join()
             raise self._start_error
 
     def _main(self, cwd: str) -> None:
@@ -64,20 +73,40 @@ class MountThread:
             return
         self._ready.set()
         while True:
-            try:
-                job = self._jobs.get(block=not self._background)
-            except queue.Empty:
-                fn, args = self._background.popleft()
-                try:
-                    fn(*args)
-                except Exception as exc:
-                    log.warning("sandboxd background job %s failed: %s", getattr(fn, "__name__", fn), exc)
-                    self.background_errors = [*self.background_errors[-99:], f"{fn.__name__}: {exc}"]
-                continue
+            job = self._jobs.get()
             if job is _STOP:
                 return
             fn, args, done = job
             done(outcome.capture(fn, *args))
+
+    def _background_main(self, cwd: str) -> None:
+        try:
+            ns = os.open(f"/proc/self/task/{self.tid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                linux.unshare(linux.CLONE_FS)
+                linux.setns(ns, linux.CLONE_NEWNS)
+            finally:
+                os.close(ns)
+            os.chdir(cwd)
+        except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            job = self._background.get()
+            try:
+                if job is _STOP:
+                    return
+                fn, args = job
+                if not self._closed:  # closing: the namespace takes every mount with it
+                    fn(*args)
+            except Exception as exc:
+                name = getattr(fn, "__name__", repr(fn))
+                log.warning("sandboxd background job %s failed: %s", name, exc)
+                self.background_errors = [*self.background_errors[-99:], f"{name}: {exc}"]
+            finally:
+                self._background.task_done()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(*args) on the mount thread and return its result (or raise its exception).
@@ -111,21 +140,20 @@ class MountThread:
         return box[0].unwrap()
 
     def background(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Queue fn(*args) to run when the thread is idle; failures are logged and kept."""
+        """Queue fn(*args) for the background thread; failures are logged and kept."""
         if not self._closed:
-            self._background.append((fn, args))
-            self._jobs.put((lambda: None, (), lambda _: None))  # wake the thread
+            self._background.put((fn, args))
 
     def drain_background(self) -> None:
         """Block until every queued background job has run (tests, shutdown)."""
-        while self._background:
-            self.call(lambda: None)
+        self._background.join()
 
     def close(self) -> None:
-        """Stop the thread; its mount namespace, and every mount in it, goes with it."""
+        """Stop the threads; the namespace, and every mount in it, goes with them."""
         if self._closed:
             return
         self._closed = True
-        self._background.clear()
+        self._background.put(_STOP)
+        self._bg_thread.join()
         self._jobs.put(_STOP)
         self._thread.join()

@@ -161,3 +161,19 @@ async def test_daemon_over_sockets_and_restart_after_sigkill(git_repo, tmp_path)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+async def test_many_concurrent_creates_and_execs():
+    """Regression: concurrent creates once raced on the zygote's socket (BusyResourceError)."""
+    async with open_local("ns") as node:
+        outputs = []
+
+        async def one(i: int) -> None:
+            async with node.open("host") as sb:
+                outputs.append((await sb.exec(f"echo {i}", timeout_s=30)).output)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(24):
+                nursery.start_soon(one, i)
+        assert sorted(outputs) == sorted(f"{i}\n".encode() for i in range(24))
+        assert (await node.stats())["runtime"]["sandboxes"] == 0

@@ -1,11 +1,12 @@
 """Attacks on the ns runtime; each must fail, and leave the daemon and other sandboxes unharmed."""
 
+import os
 import resource
 
 import pytest
 import trio
 
-from sandboxd import BadRequest, Limits, LimitExceeded
+from sandboxd import BadRequest, Limits, LimitExceeded, NotFound
 
 from .conftest import needs_root
 
@@ -21,6 +22,8 @@ async def test_host_files_outside_the_layers_are_unreachable(rt, tmp_path):
     assert b"host secret" not in res.output
     assert b"Permission denied" in res.output  # /proc/1/{root,cwd,environ}: init is not dumpable
     assert res.output.endswith(b"done\n")
+    res = await rt.exec(sid, "tr '\\0' ' ' < /proc/1/cmdline; cat /proc/1/comm; cat /proc/1/maps /proc/1/exe 2>&1")
+    assert res.output.startswith(b"init ") and b"/" not in res.output.replace(b"/proc/1/", b""), res.output
     # escaping the chroot or the namespaces needs capabilities the command does not have
     res = await rt.exec(sid, "grep -E '^Cap(Eff|Prm|Bnd|Amb)' /proc/self/status; grep NoNewPrivs /proc/self/status")
     assert res.output.count(b"0000000000000000") == 4 and b"NoNewPrivs:\t1" in res.output
@@ -73,6 +76,28 @@ async def test_fork_bomb_hits_pids_limit_and_daemon_stays_responsive(rt):
     with trio.fail_after(10):
         await rt.restore(bomb, snap)
     assert (await rt.exec(bomb, "echo recovered")).output == b"recovered\n"
+
+
+async def test_exec_at_the_pids_limit_is_a_limit_error(rt):
+    sid = await rt.create("host", limits=Limits(memory_bytes=256 << 20, pids=8, disk_bytes=16 << 20))
+    async with trio.open_nursery() as nursery:
+        fill = ("import os, time\n"
+                "while True:\n"
+                "    try:\n"
+                "        if os.fork() == 0:\n"
+                "            time.sleep(100)\n"
+                "    except OSError:\n"
+                "        break\n"
+                "time.sleep(100)\n")
+        nursery.start_soon(rt.exec, sid, ["python3", "-c", fill])
+        with trio.fail_after(10):
+            while (await rt.sandbox_stats(sid))["pids"] < 8:
+                await trio.sleep(0.02)
+        with pytest.raises(LimitExceeded) as info:
+            await rt.exec(sid, ["true"])
+        assert info.value.field == "limits"
+        await rt.restore(sid)
+    assert (await rt.exec(sid, "echo ok")).output == b"ok\n"
 
 
 async def test_memory_exhaustion_is_killed_by_its_cgroup_only(rt):
@@ -128,6 +153,41 @@ async def test_path_traversal_and_symlink_escapes_are_refused(rt, tmp_path):
     with pytest.raises(BadRequest):
         await rt.list_dir(sid, "proc_root")
     assert outside.read_text() == "host file"
+    # a command's cwd and PATH are resolved in its root: init's fds and root are not theirs
+    for cwd in ["/proc/self/fd/3", "/proc/1/root", "/proc/1/cwd"]:
+        with pytest.raises(BadRequest) as info:
+            await rt.exec(sid, "pwd; ls", cwd=cwd)
+        assert info.value.field == "cwd"
+    with pytest.raises(NotFound) as info:
+        await rt.exec(sid, ["ls", "/"], env={"PATH": "/proc/self/fd/4:/proc/1/root/usr/bin:/proc/1/cwd/usr/bin"})
+    assert info.value.field == "argv"
+    assert b"testbed" in (await rt.exec(sid, ["ls", "/"], env={"PATH": "/nowhere:/usr/bin"})).output
     # a symlink that stays inside is fine
     await rt.exec(sid, "echo inside > /testbed/d/real && ln -s real /testbed/d/ok")
     assert await rt.read_file(sid, "d/ok") == b"inside\n"
+
+
+async def test_repo_copy_never_follows_the_images_symlinks_out(rt, tmp_path):
+    host_dir = tmp_path / "host-dir"
+    host_dir.mkdir()
+    (host_dir / "victim").write_text("host file")
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "victim").write_text("from the repo")
+    (repo / "sub" / "x").write_text("x")
+    image = tmp_path / "img"
+    (image / "work").mkdir(parents=True)
+    os.symlink(host_dir / "victim", image / "work" / "victim")  # a file: replaced in the sandbox
+    os.symlink(host_dir, image / "work" / "sub")  # a directory: refused
+    os.symlink(host_dir, image / "evil")  # the workdir itself
+    with pytest.raises(BadRequest):
+        await rt.create(f"dir:{image}", workdir="/evil", repo=str(repo))
+    with pytest.raises(BadRequest) as info:
+        await rt.create(f"dir:{image}", workdir="/work", repo=str(repo))
+    assert info.value.field == "repo"
+    assert sorted(os.listdir(host_dir)) == ["victim"] and (host_dir / "victim").read_text() == "host file"
+    os.unlink(image / "work" / "sub")
+    sid = await rt.create(f"dir:{image}", workdir="/work", repo=str(repo))
+    assert await rt.read_file(sid, "victim") == b"from the repo"
+    assert (host_dir / "victim").read_text() == "host file"
+    assert rt.stats()["sandboxes"] == 1  # the failed creates left nothing

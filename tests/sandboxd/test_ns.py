@@ -1,5 +1,8 @@
 """The ns runtime end to end: every operation's round trip, restore fidelity, bad input."""
 
+import os
+import signal
+
 import pytest
 import trio
 
@@ -100,6 +103,41 @@ async def test_restore_kills_everything_even_double_forked_sigterm_ignorers(rt):
     assert b"sleep" not in ps.output and b"while" not in ps.output
 
 
+async def test_restores_and_snapshots_leave_no_mounts_behind(rt):
+    def mounts() -> int:  # in the mount thread's namespace, the spare uppers kept ready not counted
+        rt.mounter.drain_background()
+        with open(f"/proc/{rt.mounter.tid}/mountinfo") as f:
+            return len(f.readlines()) - rt.stats()["spare_uppers"]
+
+    sid = await rt.create("host")
+    snap = await rt.snapshot(sid)
+    await rt.restore(sid, snap)
+    await rt.exec(sid, "true")  # the previous root is released once init has switched
+    before = mounts()
+    for i in range(10):
+        await rt.exec(sid, f"echo {i} > /tmp/x; (sleep 100 &)")
+        await rt.restore(sid, snap)
+    for _ in range(3):
+        await rt.restore(sid)
+    await rt.exec(sid, "true")
+    await trio.sleep(0.05)  # init's last release notice
+    assert mounts() == before
+    shell_roots = await trio.to_thread.run_sync(os.listdir, f"/proc/{rt.init_pid(sid)}/root")
+    assert len([r for r in shell_roots if r.startswith("r")]) == 1
+
+
+async def test_create_skips_embryos_that_died_waiting(rt):
+    await rt.create("host")  # the zygote has delivered its embryos
+    embryos = list(rt.zygote._embryos)
+    assert embryos
+    for pid, _, _ in embryos:
+        os.kill(pid, signal.SIGKILL)
+    await trio.sleep(0.1)
+    sids = [await rt.create("host") for _ in range(len(embryos) + 1)]
+    for sid in sids:
+        assert (await rt.exec(sid, "echo $$")).output == b"2\n"  # each its own pid namespace
+
+
 async def test_fork_shares_layers_and_diverges(rt):
     sid = await rt.create("host")
     await rt.write_file(sid, "shared.txt", b"base")
@@ -133,6 +171,18 @@ async def test_repo_copy_and_diff(rt, git_repo):
     with pytest.raises(NotFound) as info:
         await rt.diff(sid, "0" * 40)
     assert info.value.field == "base_commit"
+    await rt.restore(sid)  # as created: the repository as copied in, unchanged
+    assert await rt.diff(sid, commit) == ""
+    assert await rt.read_file(sid, "pkg/mod.py") == b"def f():\n    return 1\n"
+
+
+async def test_workdir_missing_from_the_image_is_made_and_kept(rt, tmp_path):
+    root = tmp_path / "img"
+    (root / "bin").mkdir(parents=True)
+    sid = await rt.create(f"dir:{root}", workdir="/work/here")
+    assert (await rt.list_dir(sid, "/work"))[0][0].name == "here"
+    await rt.restore(sid)
+    assert (await rt.list_dir(sid, "."))[0] == []  # still there, empty
 
 
 async def test_dir_image(rt, tmp_path):
@@ -199,8 +249,8 @@ async def test_cancelled_exec_leaves_nothing_running(rt):
 
 async def test_stats(rt):
     sid = await rt.create("host")
-    await rt.exec(sid, "head -c 1000000 /dev/zero > /tmp/f")
+    await rt.exec(sid, "head -c 1000000 /dev/zero > /tmp/f; (sleep 30 >/dev/null 2>&1 &)")
     st = await rt.sandbox_stats(sid)
-    assert st["disk_bytes"] >= 1_000_000 and st["pids"] >= 1 and st["memory_bytes"] > 0
+    assert st["disk_bytes"] >= 1_000_000 and st["pids"] == 1 and st["memory_bytes"] > 0
     node = rt.stats()
     assert node["sandboxes"] == 1 and node["runtime"] == "ns"
