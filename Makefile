@@ -11,7 +11,7 @@ setup:
 
 # The main job on the embedded default.
 demo: setup
-	@$(PY) -m runtime.demo
+	@$(PY) -m agent.demo
 
 # The whole test suite. pytest exits 5 when it collected no test: that is a failure here.
 test: setup

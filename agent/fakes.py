@@ -18,6 +18,7 @@ import trio
 
 from runtime.wire import ConnectionLost, NotFound
 
+from .llm.errors import EndpointDown
 from .workspace import ExecResult
 
 __all__ = ["CHATML_TEMPLATE", "CallablePolicy", "EndpointDown", "FakeNode", "FakeSandbox", "ScriptedPolicy", "TurnReply",
@@ -48,9 +49,6 @@ def tiny_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = 800) -> A
     hf.chat_template = CHATML_TEMPLATE
     return hf
 
-
-class EndpointDown(Exception):
-    """Raised by `ScriptedPolicy` for an injected endpoint failure (same name as agent.llm's)."""
 
 
 class FakeSandbox:

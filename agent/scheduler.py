@@ -24,7 +24,9 @@ from typing import Any, Protocol
 import trio
 
 from runtime.records import FinishReason, Task, Trajectory
+from runtime.wire import ConnectionLost, RpcTimeout
 
+from .llm.errors import BadResponse, EndpointDown, RequestTimeout
 from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompt_ids, run_episode
 from .scaffold.chat import TextCodec
 
@@ -68,14 +70,14 @@ class RolloutResult:
     error: str | None = None  # why the episode finished with `error`
 
 
+def _is_endpoint_error(exc: BaseException) -> bool:
+    """The endpoint failed (down, too slow, answered garbage): retry the episode on another one."""
+    return isinstance(exc, (EndpointDown, RequestTimeout, BadResponse))
+
+
 def _is_infrastructure_error(exc: BaseException) -> bool:
     """Errors that are the infrastructure's, not the model's: the episode is retried elsewhere."""
-    from runtime.wire import ConnectionLost, RpcTimeout
-
-    if isinstance(exc, (NodeLost, ConnectionLost, RpcTimeout, OSError)):
-        return True
-    # agent.llm's EndpointDown / RequestTimeout, or any error that says it is about an endpoint.
-    return type(exc).__name__ in {"EndpointDown", "RequestTimeout", "LLMError", "BadResponse"}
+    return isinstance(exc, (NodeLost, ConnectionLost, RpcTimeout, OSError)) or _is_endpoint_error(exc)
 
 
 class _Node:
@@ -236,7 +238,7 @@ class Scheduler:
                             break
                         last_exc = exc
                         self.counters["retried"] += 1
-                        if type(exc).__name__ in {"EndpointDown", "RequestTimeout", "LLMError", "BadResponse"}:
+                        if _is_endpoint_error(exc):
                             self.policy.report_failure(endpoint, exc)
                         else:
                             self._node_failed(node, exc)

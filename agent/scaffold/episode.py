@@ -21,6 +21,7 @@ import trio
 
 from runtime.records import FinishReason, Task, Trajectory, Turn
 
+from ..llm.errors import ContextOverflow
 from ..workspace import Workspace
 from .chat import ChatFormat, TextCodec, Tokenizer
 from .parsing import STOP_SEQUENCES, FormatError, parse_tool_call
@@ -130,10 +131,14 @@ async def run_episode(
                 finish = FinishReason.CONTEXT_OVERFLOW
                 break
             t0 = time.perf_counter()
-            completion = await sampler.complete(
-                context, max_tokens=min(config.max_turn_tokens, room), stop=STOP_SEQUENCES,
-                stop_token_ids=chat.stop_token_ids,
-            )
+            try:
+                completion = await sampler.complete(
+                    context, max_tokens=min(config.max_turn_tokens, room), stop=STOP_SEQUENCES,
+                    stop_token_ids=chat.stop_token_ids,
+                )
+            except ContextOverflow:  # the server's context is shorter than the configured one
+                finish = FinishReason.CONTEXT_OVERFLOW
+                break
             llm_s = time.perf_counter() - t0
             action_ids = list(completion.token_ids)
             context += action_ids
