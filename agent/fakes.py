@@ -40,7 +40,8 @@ def tiny_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = 800) -> A
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [system_prompt(), "def add(a, b):\n    return a + b\n",
               "<function=bash>\n<parameter=command>ls</parameter>\n</function>", *extra_corpus]

@@ -5,7 +5,9 @@
     time spent inside the sampler and the tool);
 (c) with 200 ms per-turn sampler latency: the run's wall time against the ideal
     (turns x latency / concurrency), target within 10%.
-(b), over loopback HTTP against the fake server in another process, is `--http` (needs agent.llm).
+(b) over loopback HTTP against the fake server running in another process: turns per second with
+    agent.llm's client, and in the same run the naive baseline (one httpx AsyncClient with a
+    connection per episode), and the ratio.
 
 Usage: python bench/scheduler.py [--episodes 4096] [--turns 20]. Last line: one JSON object.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +45,89 @@ async def grader(task, patch, workspace, *, timeout_s):
 def script(turns: int) -> list[str]:
     step = "Checking.\n<function=bash>\n<parameter=command>python -m pytest -q</parameter>\n</function>"
     return [step] * (turns - 1) + ["<function=submit>\n</function>"]
+
+
+class TurnScriptPolicy:
+    """fake_llm policy for (b): the next step of `script(turns)`, chosen by counting finished turns."""
+
+    def __init__(self, turns: int = 20) -> None:
+        from agent.scaffold import ChatFormat
+
+        self.tokenizer = tiny_tokenizer()
+        self.marker = ChatFormat.from_tokenizer(self.tokenizer).observation_suffix.strip()
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.steps = [list(self.tokenizer.encode(t, add_special_tokens=False)) + [end] for t in script(turns)]
+
+    def __call__(self, prompt_ids, request):
+        done = self.tokenizer.decode(prompt_ids, skip_special_tokens=False).count(self.marker) - 1
+        return self.steps[min(max(done, 0), len(self.steps) - 1)]
+
+
+def fake_policy():  # python -m agent.fake_llm --policy bench.scheduler:fake_policy
+    return TurnScriptPolicy()
+
+
+class NaiveHTTPPolicy:
+    """The baseline of (b): one httpx.AsyncClient, its pool sized to one connection per episode."""
+
+    def __init__(self, url: str, connections: int) -> None:
+        import httpx
+
+        self.url = url
+        self.client = httpx.AsyncClient(base_url=url, timeout=600,
+                                        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+    def assign_endpoint(self) -> str:
+        return self.url
+
+    def report_failure(self, endpoint, exc) -> None:
+        pass
+
+    def sampler(self, endpoint):
+        return self
+
+    async def complete(self, prompt_ids, *, max_tokens, stop, stop_token_ids):
+        from agent.fakes import TurnReply
+
+        resp = await self.client.post("/v1/completions", json={
+            "model": "fake-model", "prompt": list(prompt_ids), "max_tokens": max_tokens, "stop": list(stop),
+            "stop_token_ids": list(stop_token_ids), "logprobs": 0, "return_token_ids": True})
+        resp.raise_for_status()
+        choice = resp.json()["choices"][0]
+        return TurnReply(choice["token_ids"], choice["logprobs"]["token_logprobs"], choice["finish_reason"])
+
+
+async def run_http(episodes: int, turns: int, tokenizer, url: str, naive: bool, seconds: float) -> dict:
+    """Episodes over HTTP for at most `seconds` (the naive client may not finish): turns/s."""
+    from agent.llm import LLMClient
+
+    groups = max(1, episodes // 8)
+    tasks = [Task(id=f"t{i}", repo="bench/repo", base_commit="HEAD", problem_statement="The tests fail.",
+                  image="host", test_patch="", FAIL_TO_PASS=["t"], PASS_TO_PASS=[], test_command="true",
+                  log_parser="pytest") for i in range(groups)]
+    config = SchedulerConfig(max_episodes=episodes, node_capacity=episodes,
+                             episode=EpisodeConfig(max_turns=turns, max_context_tokens=1 << 20))
+    counted = {"turns": 0, "episodes": 0}
+
+    def on_result(result) -> None:
+        counted["episodes"] += 1
+        counted["turns"] += len(result.trajectory.turns)
+
+    t0 = time.perf_counter()
+    with trio.move_on_after(seconds):
+        if naive:
+            policy = NaiveHTTPPolicy(url, episodes)
+            async with policy.client:
+                sched = Scheduler([FakeNode(f"n{i}") for i in range(4)], policy, tokenizer, grader, config, on_result=on_result)
+                await sched.run_groups([(t, episodes // groups, f"g{i}") for i, t in enumerate(tasks)])
+        else:
+            async with LLMClient([url], model="fake-model", max_inflight_per_endpoint=episodes) as llm:
+                sched = Scheduler([FakeNode(f"n{i}") for i in range(4)], llm, tokenizer, grader, config, on_result=on_result)
+                await sched.run_groups([(t, episodes // groups, f"g{i}") for i, t in enumerate(tasks)])
+    wall = time.perf_counter() - t0
+    # Turns finished inside unfinished episodes are not counted: a lower bound for a cut-off run.
+    return {"episodes_done": counted["episodes"], "turns": counted["turns"], "wall_s": round(wall, 2),
+            "turns_per_s": round(counted["turns"] / wall, 1), "cut_off": counted["episodes"] < episodes}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,12 +172,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=4096)
     parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--http-seconds", type=float, default=120.0, help="cap on each HTTP run of (b)")
     args = parser.parse_args()
     tokenizer = tiny_tokenizer()
     a = trio.run(run, args.episodes, args.turns, 0.0, tokenizer)
     print("(a) in-process:", a, flush=True)
     c = trio.run(run, args.episodes, args.turns, 0.2, tokenizer)
     print("(c) 200 ms latency:", c, flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "agent.fake_llm", "--port", "0", "--policy", "bench.scheduler:fake_policy"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        line = server.stdout.readline()
+        while line and not line.startswith("{"):
+            line = server.stdout.readline()
+        url = json.loads(line)["url"]
+        b = trio.run(run_http, args.episodes, args.turns, tokenizer, url, False, args.http_seconds)
+        print("(b) HTTP, agent.llm:", b, flush=True)
+        b_naive = trio.run(run_http, args.episodes, args.turns, tokenizer, url, True, args.http_seconds)
+        print("(b) HTTP, naive httpx:", b_naive, flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
     print(json.dumps({
         "bench": "scheduler",
         "inproc_turns_per_s": a["turns_per_s"],
@@ -100,8 +201,11 @@ def main() -> None:
         "latency200_wall_s": c["wall_s"],
         "latency200_ideal_s": c["ideal_s"],
         "latency200_vs_ideal": c["vs_ideal"],
-        "targets": {"turns_per_s": 3000, "overhead_p99_ms": 2.0, "vs_ideal": 1.10},
-        "details": {"inproc": a, "latency200": c},
+        "http_turns_per_s": b["turns_per_s"],
+        "http_naive_turns_per_s": b_naive["turns_per_s"],
+        "http_ratio_vs_naive": round(b["turns_per_s"] / max(b_naive["turns_per_s"], 1e-9), 1),
+        "targets": {"turns_per_s": 3000, "overhead_p99_ms": 2.0, "vs_ideal": 1.10, "http_turns_per_s": 1000},
+        "details": {"inproc": a, "latency200": c, "http": b, "http_naive": b_naive},
     }))
 
 
