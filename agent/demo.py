@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,14 @@ console = Console(stderr=True)
 
 def _start_daemon(root: Path) -> tuple[subprocess.Popen, str]:
     sock = root / "sandboxd.sock"
+    def die_with_the_demo() -> None:  # even when the demo is killed before its cleanup runs
+        from sandboxd import linux
+
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
+
     proc = subprocess.Popen([sys.executable, "-m", "sandboxd", "serve", "--root", str(root / "state"),
-                             "--listen", f"unix:{sock}", "--log-level", "WARNING"], stderr=subprocess.PIPE, text=True)
+                             "--listen", f"unix:{sock}", "--log-level", "WARNING"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=die_with_the_demo)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = proc.stderr.readline()

@@ -139,7 +139,7 @@ class Zygote:
         zygote's fork does not compete with its start for the CPU."""
         # Many creates finish at once: one sender at a time (trio refuses concurrent sends on a socket).
         async with self._send_lock:
-            while self.taken and not self.broken:
+            while self.taken > 0 and not self.broken:
                 self.taken -= 1
                 try:
                     await self._sock.send(b'{"op": "more"}')
