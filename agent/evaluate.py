@@ -66,9 +66,9 @@ def load_task_set(spec: str, workdir: Path) -> list[Task]:
         seed = int(parts[2]) if len(parts) > 2 else 0
         tasks = generate_suite(seed, 24, 16, workdir / "toy", python="python3")
         return [t for t in tasks if t.split == split]
-    from .tasks import load_tasks
+    from .grade import load_task_file
 
-    return list(load_tasks(spec))
+    return load_task_file(spec)
 
 
 async def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:

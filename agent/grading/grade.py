@@ -68,9 +68,13 @@ from .rules import (
 __all__ = ["APPLY_COMMANDS", "CONDA_ACTIVATE", "EVAL_DIR", "GradeReport", "eval_script", "grade", "harness_eval_commands",
            "patch_paths"]
 
-# The harness's GIT_APPLY_CMDS (swebench/harness/run_evaluation.py), tried in this order.
+# The harness's GIT_APPLY_CMDS (swebench/harness/run_evaluation.py), tried in this order, with a
+# three-way merge inserted after the plain apply as the design asks: it takes patches whose context
+# drifted but whose blobs the repository has, and never applies anything `git apply` would refuse
+# silently (a conflict fails it, and the files are reset before the next command).
 APPLY_COMMANDS: tuple[str, ...] = (
     "git apply --verbose",
+    "git apply --verbose --3way",
     "git apply --verbose --reject",
     "patch --batch --fuzz=5 -p1 -i",
 )
@@ -312,8 +316,9 @@ async def _apply_model_patch(task: Task, workspace: Workspace, patch: str) -> st
         if res.exit_code == 0 and not res.timed_out:
             return command
         output = res.output
-        if "--reject" in command and touched:
-            # --reject leaves the hunks that applied and .rej files: undo them before `patch`.
+        if ("--reject" in command or "--3way" in command) and touched:
+            # --reject leaves the hunks that applied and .rej files, a failed --3way conflict markers
+            # and unmerged index entries: undo them before the next command.
             reset = ('base=$1; shift; for p in "$@"; do '
                      'if git cat-file -e "$base:$p" 2>/dev/null; then git checkout -q "$base" -- "$p"; '
                      'else rm -rf -- "$p"; fi; rm -f -- "$p.rej" "$p.orig"; done')
