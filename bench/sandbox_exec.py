@@ -1,5 +1,7 @@
 """Exec round trip of `true` in a running sandbox, ns runtime against its peers, in one run.
 
+    daemon      the same through `sandboxd serve` in its own process, over its Unix socket with the
+                wire protocol and the trio client (sandboxd.client): what the scheduler pays
     ns          NsRuntime.exec(sid, ["true"]) in this process: validation, the request to the
                 sandbox's init, posix_spawn in the sandbox, the exit notice, the output drained
     nsenter     `nsenter -t <init> -m -u -i -n -p --root=<its root> true`: a new host process that
@@ -67,6 +69,34 @@ async def measure_ns(work: str, rounds: int) -> dict[str, list[float]]:
         return {"ns": await timed(ns_true, rounds), "nsenter": await timed(nsenter_true, max(50, rounds // 4))}
 
 
+async def measure_daemon(work: str, rounds: int) -> dict[str, list[float]]:
+    """exec through `sandboxd serve` in its own process, over its Unix socket."""
+    import re
+
+    from sandboxd.client import connect
+
+    sock = os.path.join(work, "daemon.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "sandboxd", "serve", "--root", os.path.join(work, "daemon"),
+                             "--listen", f"unix:{sock}", "--log-level", "WARNING"], stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            line = proc.stderr.readline()
+            if not line:
+                raise RuntimeError("sandboxd serve did not start")
+            if re.match(r"sandboxd: serving on", line):
+                break
+        async with connect(f"unix:{sock}") as node:
+            async with node.open("host") as sb:
+                async def daemon_true() -> None:
+                    res = await sb.exec(["true"], timeout_s=30)
+                    assert res.exit_code == 0, res
+
+                return {"daemon": await timed(daemon_true, rounds)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 async def measure_podman(work: str, rounds: int, skipped: dict[str, str]) -> dict[str, list[float]]:
     """The podman runtime's exec and `podman exec`; {} (and why in `skipped`) where they cannot run."""
     if shutil.which("podman") is None:
@@ -107,7 +137,8 @@ async def main(rounds: int) -> dict:
     skipped: dict[str, str] = {}
     load_before = os.getloadavg()[0]
     try:
-        times = await measure_ns(work, rounds)
+        times = await measure_daemon(work, rounds)
+        times.update(await measure_ns(work, rounds))
         times.update(await measure_podman(work, rounds, skipped))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -120,6 +151,7 @@ async def main(rounds: int) -> dict:
     for peer in ("nsenter", "podman", "podman-cli"):
         if peer in times:
             result[f"ns_vs_{peer.replace('-', '_')}_speedup"] = round(pct(times[peer], 0.5) / pct(times["ns"], 0.5), 1)
+            result[f"daemon_vs_{peer.replace('-', '_')}_speedup"] = round(pct(times[peer], 0.5) / pct(times["daemon"], 0.5), 1)
     result["skipped"] = skipped
     result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after: a shared machine
     return result
