@@ -131,6 +131,9 @@ class Zygote:
                     os.close(pidfd)
                 if self.broken:
                     raise Internal(f"sandbox zygote is gone: {self.broken}")
+                # None left alive (they died waiting, or a burst of creates took them all): ask for
+                # replacements now, or nobody would until some init is up.
+                await self.replenish()
                 await self._delivered.park()
         raise Internal(f"sandbox zygote delivered no init within {EMBRYO_TIMEOUT_S} s")
 

@@ -128,6 +128,7 @@ async def test_restores_and_snapshots_leave_no_mounts_behind(rt):
 
 async def test_create_skips_embryos_that_died_waiting(rt):
     await rt.create("host")  # the zygote has delivered its embryos
+    await trio.sleep(0.5)  # ... and replaced the one taken: kill them all (regression: that hung)
     embryos = list(rt.zygote._embryos)
     assert embryos
     for pid, _, _ in embryos:
