@@ -12,25 +12,15 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import trio
 
+from sandboxd.execs import ExecResult, git_diff_command, git_diff_result
+from sandboxd.output import OutputCap
+
 __all__ = ["ExecResult", "LocalWorkspace", "Workspace"]
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """The result of one command. Same fields as sandboxd's, so either side can be used."""
-
-    exit_code: int  # negative: killed by that signal (-9 after a timeout)
-    output: bytes  # stdout and stderr interleaved; head + marker + tail when truncated
-    truncated: bool
-    timed_out: bool
-    duration_s: float
-    output_bytes: int = 0  # everything the command wrote, kept or not
 
 
 @runtime_checkable
@@ -66,34 +56,6 @@ class Workspace(Protocol):
         ...
 
 
-class _Cap:
-    """Head and tail of a stream, bounded memory (the same rule as sandboxd's output cap)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-
-    def feed(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.max_bytes // 2 - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
-            chunk = chunk[room:]
-        keep = self.max_bytes - self.max_bytes // 2
-        if chunk and keep:
-            self.tail += chunk
-            if len(self.tail) > keep:
-                del self.tail[: len(self.tail) - keep]
-
-    def output(self) -> bytes:
-        if self.total <= self.max_bytes:
-            return bytes(self.head + self.tail)
-        omitted = self.total - len(self.head) - len(self.tail)
-        return bytes(self.head) + f"\n[... {omitted} bytes omitted ...]\n".encode() + bytes(self.tail)
-
-
 class LocalWorkspace:
     """A directory on this machine. No isolation: commands run as this user, with this user's rights."""
 
@@ -117,7 +79,7 @@ class LocalWorkspace:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         cmd = ["/bin/sh", "-c", argv] if isinstance(argv, str) else list(argv)
         full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", **(env or {})}
-        cap = _Cap(max_output_bytes)
+        cap = OutputCap(max_output_bytes)
         start = time.perf_counter()
         timed_out = False
         read_end, write_end = os.pipe()
@@ -158,10 +120,10 @@ class LocalWorkspace:
         return ExecResult(
             exit_code=-signal.SIGKILL if timed_out else proc.returncode,
             output=cap.output(),
-            truncated=cap.total > max_output_bytes,
+            truncated=cap.truncated,
             timed_out=timed_out,
             duration_s=time.perf_counter() - start,
-            output_bytes=cap.total,
+            output_bytes=cap.total_bytes,
         )
 
     async def read_file(self, path: str) -> bytes:
@@ -173,12 +135,8 @@ class LocalWorkspace:
         await target.write_bytes(data)
 
     async def diff(self, base_commit: str) -> str:
-        # A throwaway index, so the repository's own index (and the model's view of it) is untouched.
-        script = ('set -e; idx=$(mktemp); trap \'rm -f "$idx"\' EXIT; '
-                  'cp "$(git rev-parse --git-dir)/index" "$idx" 2>/dev/null || true; '
-                  'GIT_INDEX_FILE="$idx" git add -A; '
-                  'GIT_INDEX_FILE="$idx" git diff --cached --binary --no-color --no-ext-diff "$1"')
-        res = await self.exec(["/bin/sh", "-c", script, "diff", base_commit], timeout_s=120, max_output_bytes=64 << 20)
-        if res.exit_code != 0 or res.truncated:
-            raise RuntimeError(f"git diff against {base_commit} failed ({res.exit_code}): {res.output[-500:]!r}")
-        return res.output.decode("utf-8", errors="surrogateescape")
+        # The same command and errors as a sandbox's diff (a throwaway index: the repository's own
+        # index, and the model's view of it, stay untouched).
+        argv, env = git_diff_command(base_commit)
+        res = await self.exec(argv, timeout_s=120, env=env, max_output_bytes=64 << 20)
+        return git_diff_result(res, base_commit)

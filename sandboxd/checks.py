@@ -59,3 +59,13 @@ def check_size(value: object, field_name: str, high: int) -> int:
     if value > high:
         raise LimitExceeded(f"{field_name} must be <= {high}, got {value}", field=field_name)
     return value
+
+
+def check_write(data: object, mode: object, max_bytes: int) -> None:
+    """The arguments of a write_file: bytes of at most `max_bytes`, and a permission mode."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRequest("data must be bytes", field="data")
+    if len(data) > max_bytes:
+        raise LimitExceeded(f"data must be at most {max_bytes} bytes", field="data")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise BadRequest("mode must be an integer permission mode, e.g. 0o644", field="mode")

@@ -49,8 +49,9 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 import trio
 
 from sandboxd import files
-from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size
+from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size, check_write
 from sandboxd.errors import BadRequest, Internal, LimitExceeded, NotFound
+from sandboxd.execs import git_diff_command, git_diff_result
 from sandboxd.layers import parse_image
 from sandboxd.ns import (DEFAULT_ENV, MAX_FILE_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_S, OUTPUT_DRAIN_S, DirEntry,
                          ExecResult, Limits)
@@ -147,30 +148,11 @@ def _kill_pass(roots: set[int], marker: str | None, max_rounds: int = 100) -> in
 
 # The model's patch: everything at workdir against base_commit, untracked files included, through
 # a temporary index so that the repository's own index is left alone (as in ns.py).
-_DIFF_SCRIPT = ('set -e; idx=$(mktemp); trap \'rm -f "$idx"\' EXIT; '
-                'cp "$(git rev-parse --git-dir)/index" "$idx" 2>/dev/null || true; '
-                'git rev-parse --verify --quiet "$1^{commit}" >/dev/null || { echo "unknown commit $1" >&2; exit 3; }; '
-                'GIT_INDEX_FILE="$idx" git add -A; '
-                'GIT_INDEX_FILE="$idx" git diff --cached --binary --no-color --no-ext-diff "$1"')
-
-
 async def git_diff(runtime, sandbox_id: str, base_commit: str, timeout_s: float) -> str:
-    """`git diff` through `runtime.exec`, with the errors of NsRuntime.diff."""
-    if not isinstance(base_commit, str) or not base_commit or base_commit.startswith("-") or any(
-            c.isspace() or c == "\0" for c in base_commit):
-        raise BadRequest("base_commit must be a commit-ish", field="base_commit")
-    env = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*"}
-    res = await runtime.exec(sandbox_id, ["/bin/sh", "-c", _DIFF_SCRIPT, "diff", base_commit],
-                             timeout_s=timeout_s, env=env, max_output_bytes=MAX_OUTPUT_BYTES)
-    if res.timed_out:
-        raise LimitExceeded("git diff timed out", field="timeout_s")
-    if res.exit_code == 3:
-        raise NotFound(f"unknown commit {base_commit!r}", field="base_commit")
-    if res.exit_code != 0:
-        raise Internal(f"git diff failed ({res.exit_code}): {res.output[-2000:].decode(errors='replace')}")
-    if res.truncated:
-        raise LimitExceeded("diff larger than the output cap", field="base_commit")
-    return res.output.decode(errors="surrogateescape")
+    """`git diff` through `runtime.exec`: the same command and errors as NsRuntime.diff."""
+    argv, env = git_diff_command(base_commit)
+    res = await runtime.exec(sandbox_id, argv, timeout_s=timeout_s, env=env, max_output_bytes=MAX_OUTPUT_BYTES)
+    return git_diff_result(res, base_commit)
 
 
 # ---------------------------------------------------------------- background deletions (shared)
@@ -593,7 +575,7 @@ class DirRuntime:
     async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int = 0o644,
                          parents: bool = True) -> None:
         sb = self._sandbox(sandbox_id)
-        _check_write(data, mode)
+        check_write(data, mode, MAX_FILE_BYTES)
         await self._with_root(sb, files.write_file, path, sb.workdir, bytes(data), mode, bool(parents))
 
     async def list_dir(self, sandbox_id: str, path: str = ".", *, max_entries: int = 10000
@@ -623,15 +605,6 @@ class DirRuntime:
         return {"runtime": "dir", "isolation": False, "sandboxes": len(self._sandboxes),
                 "snapshots": len(self._snapshots), "copies": self._trees,
                 "pending_deletions": self._reaper.pending, "background_errors": list(self._reaper.errors[-10:])}
-
-
-def _check_write(data: object, mode: object) -> None:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise BadRequest("data must be bytes", field="data")
-    if len(data) > MAX_FILE_BYTES:
-        raise LimitExceeded(f"data must be at most {MAX_FILE_BYTES} bytes", field="data")
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-        raise BadRequest("mode must be an integer permission mode, e.g. 0o644", field="mode")
 
 
 @asynccontextmanager

@@ -49,7 +49,7 @@ import trio
 
 from sandboxd import files, linux, roots
 from sandboxd.cgroups import CgroupLimits, Cgroups, SandboxCgroup, detect
-from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size
+from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size, check_write
 from sandboxd.errors import BadRequest, Internal, LimitExceeded, NotFound
 from sandboxd.execs import (DEFAULT_ENV, MAX_OUTPUT_BYTES, MAX_TIMEOUT_S, OUTPUT_DRAIN_S,  # noqa: F401
                             ExecRequest, ExecResult, git_diff_command, git_diff_result, start_exec)
@@ -484,12 +484,7 @@ class NsRuntime:
     async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int = 0o644,
                          parents: bool = True) -> None:
         sb = self._sandbox(sandbox_id)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise BadRequest("data must be bytes", field="data")
-        if len(data) > MAX_FILE_BYTES:
-            raise LimitExceeded(f"data must be at most {MAX_FILE_BYTES} bytes", field="data")
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-            raise BadRequest("mode must be an integer permission mode, e.g. 0o644", field="mode")
+        check_write(data, mode, MAX_FILE_BYTES)
         await self._with_root(sb, files.write_file, path, sb.workdir, bytes(data), mode, bool(parents))
 
     async def list_dir(self, sandbox_id: str, path: str = ".", *, max_entries: int = 10000

@@ -64,7 +64,7 @@ import trio
 from podman.api import stream_frames
 
 from sandboxd import files, linux, podman_setup
-from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size
+from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size, check_write
 from sandboxd.dirrt import MARKER_VAR, Reaper, git_diff, kill_process_tree, state_key
 from sandboxd.errors import BadRequest, Internal, LimitExceeded, NotFound, SandboxError
 from sandboxd.layers import parse_image
@@ -656,12 +656,7 @@ class PodmanRuntime:
     async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int = 0o644,
                          parents: bool = True) -> None:
         sb = self._sandbox(sandbox_id)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise BadRequest("data must be bytes", field="data")
-        if len(data) > MAX_FILE_BYTES:
-            raise LimitExceeded(f"data must be at most {MAX_FILE_BYTES} bytes", field="data")
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-            raise BadRequest("mode must be an integer permission mode, e.g. 0o644", field="mode")
+        check_write(data, mode, MAX_FILE_BYTES)
         await self._with_root(sb, files.write_file, path, sb.workdir, bytes(data), mode, bool(parents))
 
     async def list_dir(self, sandbox_id: str, path: str = ".", *, max_entries: int = 10000
