@@ -35,6 +35,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     pip_args=(-q --disable-pip-version-check)
     # The CPU build of torch ships as a local wheel on the build machines.
     [ -d /opt/wheels ] && pip_args+=(--find-links /opt/wheels)
-    "$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[dev,podman]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    quiet_links() { grep -v "is ignored: it is neither a file nor a directory" >&2; }
+    "$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[dev,podman]" 2> >(quiet_links)
+    # DeepSpeed builds against the torch now installed (its setup.py imports torch): no build
+    # isolation, no compiled ops (they are JIT-built on first use where a compiler is wanted).
+    "$VENV/bin/python" -m pip install "${pip_args[@]}" "setuptools>=68" wheel 2> >(quiet_links)
+    DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install "${pip_args[@]}" --no-build-isolation -e ".[dev,podman,train]" 2> >(quiet_links)
     echo "$want" > "$stamp"
 fi
