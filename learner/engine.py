@@ -32,7 +32,9 @@ numbers in "optimizer" agree between backends.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -117,6 +119,16 @@ class Engine(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # Additions for multi-rank training; TorchEngine has them too, so the loop is backend-agnostic.
+    world_size: int
+    rank: int
+
+    def gathered(self, params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManager[None]:
+        """Hold full tensors of weights used outside their module (lm_head.weight under ZeRO-3)."""
+
+    def global_sum(self, value: float) -> float:
+        """Sum over the data-parallel ranks (the batch-wide loss-token count)."""
+
     def full_weights(self) -> dict[str, Tensor]:
         """Full HF-named weights for a weight push; tied duplicates dropped (`learner.tiny.sync_state`)."""
 
@@ -197,8 +209,19 @@ class TorchEngine:
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_factor(optim, s))
         self.steps = 0  # optimizer steps taken
 
+    world_size = 1  # data-parallel ranks (DeepSpeedEngine: the process group's size)
+    rank = 0
+
     def backward(self, loss: Tensor) -> None:
         loss.backward()
+
+    def gathered(self, params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManager[None]:
+        """Full tensors of `params` inside the block: always the case here (see DeepSpeedEngine.gathered)."""
+        return contextlib.nullcontext()
+
+    def global_sum(self, value: float) -> float:
+        """Sum of `value` over the ranks: one rank here."""
+        return value
 
     def step(self) -> dict[str, float]:
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
