@@ -1,0 +1,157 @@
+"""One optimizer step of each program on a Hugging Face causal LM: DAPO and RFT (SFT).
+
+    rows = pack(samples, cfg.micro_batch_tokens)          # packed micro-batches
+    metrics = dapo_step(engine, samples, ...)             # or rft_step(engine, samples, ...)
+
+The forward pass of a packed row runs the model's base (``model.model``) with per-sequence position
+ids and a block-causal mask, then `learner.ops.token_logprobs` on the final hidden states of the
+positions that carry loss only (prompt and observation positions never reach the LM head), so no
+[T, V] tensor exists at any point. Every micro-batch's loss is divided by the model tokens of the
+whole (mini-)batch, so accumulated gradients equal one big batch's (`learner.losses`).
+
+DAPO with ``updates > 1`` splits the batch into that many mini-batches of whole rows, one optimizer
+step each; the old logprobs are computed once before the first, so the ratio and the clip-higher
+bounds bite from the second mini-batch on. With ``updates = 1`` (the default) the step is on-policy:
+ratio 1, and the gradient is the plain token-level policy gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .losses import dapo_loss, merge_metrics, sft_loss
+from .packing import PackedRow, Sample, additive_mask, pack, total_loss_tokens
+
+__all__ = ["dapo_step", "row_logprobs", "rft_step"]
+
+
+def _base_and_head(model: nn.Module) -> tuple[nn.Module, Tensor]:
+    base = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    if base is None or head is None:
+        raise TypeError(f"{type(model).__name__}: expected a Hugging Face causal LM with .model and .lm_head")
+    return base, head.weight
+
+
+def row_logprobs(model: nn.Module, row: PackedRow, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy) of ``row.targets``, each (T,) float32, nonzero only where the row's loss mask is.
+
+    A row of one sequence runs with the model's own causal mask; several sequences get the block-causal
+    mask (additive, so every attention implementation reads it the same way).
+    """
+    base, weight = _base_and_head(model)
+    input_ids = row.input_ids[None]  # (1, T)
+    mask = None
+    if row.cu_seqlens.numel() > 2:
+        dtype = next(base.parameters()).dtype
+        mask = additive_mask(row.attention_mask(), dtype)[None, None]  # (1, 1, T, T)
+    hidden = base(input_ids=input_ids, position_ids=row.position_ids[None], attention_mask=mask,
+                  use_cache=False).last_hidden_state[0]  # (T, H)
+    where = row.loss_mask.nonzero().squeeze(-1)  # (N,) positions that carry loss
+    logp, ent = torch.zeros_like(row.loss_mask), torch.zeros_like(row.loss_mask)
+    if where.numel():
+        lp, en = _token_logprobs(hidden.index_select(0, where), weight, row.targets.index_select(0, where),
+                                 chunk_size)
+        logp = logp.to(lp.dtype).index_put((where,), lp)
+        ent = ent.to(en.dtype).index_put((where,), en)
+    return logp, ent
+
+
+def _token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    from .ops import token_logprobs
+
+    return token_logprobs(hidden, weight, targets, chunk_size=chunk_size)
+
+
+def _split(rows: Sequence[PackedRow], parts: int) -> list[list[PackedRow]]:
+    """Rows into `parts` consecutive mini-batches of about equal loss tokens (each non-empty)."""
+    parts = max(1, min(parts, len(rows)))
+    total = total_loss_tokens(rows)
+    out: list[list[PackedRow]] = [[]]
+    seen = 0
+    for row in rows:
+        if out[-1] and len(out) < parts and seen >= total * len(out) / parts:
+            out.append([])
+        out[-1].append(row)
+        seen += row.num_loss_tokens
+    return out
+
+
+def _finish(metrics: dict[str, float], rows: Sequence[PackedRow], started: float) -> dict[str, float]:
+    elapsed = time.perf_counter() - started
+    tokens = sum(r.num_tokens for r in rows)
+    metrics.update({"perf/train_tokens": float(tokens), "perf/train_tokens_per_s": tokens / elapsed if elapsed else 0.0,
+                    "perf/micro_batches": float(len(rows)), "time/train_s": elapsed})
+    return metrics
+
+
+def dapo_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int, chunk_size: int = 1024,
+              eps_low: float = 0.2, eps_high: float = 0.28, updates: int = 1, tis_cap: float | None = None,
+              pad_id: int = 0) -> dict[str, float]:
+    """DAPO on `samples` (advantages already set): `updates` optimizer steps; merged metrics."""
+    if not samples:
+        raise ValueError("dapo_step: no samples (every group was dropped or filtered)")
+    started = time.perf_counter()
+    model = engine.model
+    rows = pack(samples, micro_batch_tokens, pad_id=pad_id)
+    model.train()
+    old: list[Tensor] | None = None
+    if updates > 1:
+        with torch.no_grad():
+            old = [row_logprobs(model, r, chunk_size=chunk_size)[0] for r in rows]
+    metrics: dict[str, float] = {}
+    index = {id(r): i for i, r in enumerate(rows)}
+    parts = _split(rows, updates)
+    for part in parts:
+        num_tokens = total_loss_tokens(part)
+        part_metrics: dict[str, float] = {}
+        for row in part:
+            logp, ent = row_logprobs(model, row, chunk_size=chunk_size)
+            row_old = old[index[id(row)]] if old is not None else logp.detach()
+            loss, m = dapo_loss(logp, row_old, row.advantages, row.loss_mask, num_tokens=num_tokens,
+                                eps_low=eps_low, eps_high=eps_high, sampler_logprobs=row.sampler_logprobs,
+                                tis_cap=tis_cap, entropies=ent)
+            engine.backward(loss)
+            part_metrics = merge_metrics(part_metrics, m)
+        part_metrics.update(engine.step())
+        # means over mini-batches (each is already a mean over its own tokens), maxima kept, counts added
+        for name, value in part_metrics.items():
+            if name.endswith("_max"):
+                metrics[name] = max(metrics.get(name, value), value)
+            elif name == "tokens/model":
+                metrics[name] = metrics.get(name, 0.0) + value
+            else:
+                metrics[name] = metrics.get(name, 0.0) + value / len(parts)
+    model.eval()
+    metrics["optim/updates"] = float(len(parts))
+    return _finish(metrics, rows, started)
+
+
+def rft_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int, chunk_size: int = 1024,
+             pad_id: int = 0) -> dict[str, float]:
+    """One SFT optimizer step on the model tokens of `samples` (resolved trajectories)."""
+    if not samples:
+        raise ValueError("rft_step: no samples (no trajectory was resolved)")
+    started = time.perf_counter()
+    model = engine.model
+    rows = pack(samples, micro_batch_tokens, pad_id=pad_id)
+    num_tokens = total_loss_tokens(rows)
+    if num_tokens == 0:
+        raise ValueError("rft_step: the resolved trajectories have no model tokens")
+    model.train()
+    metrics: dict[str, float] = {}
+    for row in rows:
+        logp, ent = row_logprobs(model, row, chunk_size=chunk_size)
+        loss, m = sft_loss(logp, row.loss_mask, num_tokens=num_tokens)
+        with torch.no_grad():
+            m["policy/entropy"] = float((ent.detach() * row.loss_mask).sum() / num_tokens)
+        engine.backward(loss)
+        metrics = merge_metrics(metrics, m)
+    metrics.update(engine.step())
+    model.eval()
+    return _finish(metrics, rows, started)
