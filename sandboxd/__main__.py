@@ -1,7 +1,9 @@
-"""`sandboxd` command line: `sandboxd serve` runs the daemon.
+"""`sandboxd` command line: `sandboxd serve` runs the daemon, `sandboxd doctor` checks a node.
 
     sandboxd serve --listen unix:/run/sandboxd.sock --listen tcp://0.0.0.0:7070 \\
-                   --token-file /etc/sandboxd/token --root /var/lib/sandboxd --runtime ns
+                   --token-file /etc/sandboxd/token --root /var/lib/sandboxd --runtime ns \\
+                   --metrics-listen 127.0.0.1:9464 --log-format json
+    sandboxd doctor --root /var/lib/sandboxd [--json]     # exit 0: the ns runtime can run here
 
 On start the runtime removes what a previous crash left in its state directory (mounts die with the
 daemon's private mount namespace; cgroups and containers are swept). SIGTERM and SIGINT stop it cleanly:
@@ -21,6 +23,8 @@ import trio
 
 from runtime.wire import WireServer
 
+from . import logs
+from .metrics import CallStats, daemon_registry, parse_http_listen, serve_metrics
 from .service import RUNTIMES, build_router, open_runtime
 
 log = logging.getLogger("sandboxd")
@@ -48,10 +52,16 @@ async def serve(args: argparse.Namespace, *, task_status: trio.TaskStatus[list[s
     token = read_token(args.token_file) if args.token_file else None
     os.makedirs(args.root, mode=0o700, exist_ok=True)
     async with open_runtime(args.runtime, args.root) as runtime:
-        server = WireServer(build_router(runtime), token=token, name=f"sandboxd/{args.runtime}",
+        calls = CallStats()
+        server = WireServer(build_router(runtime, calls=calls), token=token, name=f"sandboxd/{args.runtime}",
                             max_connections=args.max_connections)
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve, args.listen)
+            if args.metrics_listen:
+                registry = daemon_registry(calls, wire=server, runtime_stats=runtime.stats, state_dir=args.root,
+                                           runtime_name=args.runtime)
+                url = await nursery.start(serve_metrics, args.metrics_listen, registry)
+                print(f"sandboxd: metrics on {url}", file=sys.stderr, flush=True)
             log.info("sandboxd (%s runtime, state in %s) serving on %s", args.runtime, args.root, ", ".join(addresses))
             print(f"sandboxd: serving on {' '.join(addresses)}", file=sys.stderr, flush=True)
             task_status.started(addresses)
@@ -73,8 +83,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="ns", help="sandbox runtime (default ns)")
     p.add_argument("--max-connections", type=int, default=16384)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=logs.FORMATS,
+                   help="text, or json: one object per line (time, level, logger, message, fields)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
+    d = sub.add_parser("doctor", help="check that this node can run sandboxes; exit 1 when the ns runtime cannot")
+    d.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory to check (default {DEFAULT_ROOT})")
+    d.add_argument("--json", action="store_true", help="one JSON object (for machines: a readiness probe)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "doctor":
+        from .doctor import main as doctor_main
+
+        raise SystemExit(doctor_main(args.root, as_json=args.json))
+    logs.configure(args.log_level, args.log_format)
+    if args.metrics_listen:
+        try:
+            parse_http_listen(args.metrics_listen)
+        except ValueError as exc:
+            parser.error(str(exc))
     args.listen = args.listen or [DEFAULT_LISTEN]
     if any(a.startswith("tcp://") for a in args.listen) and not args.token_file:
         parser.error("a tcp:// listener requires --token-file")

@@ -521,6 +521,7 @@ class NsRuntime:
         return {"runtime": "ns", "cgroup_version": self.cgroups.version, "sandboxes": len(self._sandboxes),
                 "snapshots": len(self._snapshots), "layers": len(self.layers),
                 "spare_uppers": self.uppers.count(), "zygote_pid": self.zygote.pid,
+                "zygote_embryos": self.zygote.ready,
                 "background_errors": list(self.mounter.background_errors[-10:])}
 
 

@@ -25,13 +25,11 @@ and the in-process mode of `sandboxd.client`.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import inspect
-import math
+import logging
 import os
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, fields
@@ -40,8 +38,11 @@ from typing import Any, Protocol
 from runtime.wire import CallContext, Router
 
 from .errors import BadRequest
+from .metrics import CallStats, LatencyHistogram
 
-__all__ = ["RUNTIMES", "LatencyHistogram", "SandboxRuntime", "build_router", "open_runtime"]
+__all__ = ["RUNTIMES", "CallStats", "LatencyHistogram", "SandboxRuntime", "build_router", "open_runtime"]
+
+log = logging.getLogger("sandboxd.calls")
 
 RUNTIMES = ("ns", "podman", "dir")
 _FIELD_ALIASES = {"sandbox_id": "sandbox", "snapshot_id": "snapshot"}
@@ -66,40 +67,6 @@ class SandboxRuntime(Protocol):
     def stats(self) -> dict: ...
 
 
-# Bucket upper bounds in milliseconds: 0.25 ms .. ~8.7 min, factor 2 (Prometheus-style cumulative later).
-_BOUNDS_MS = [0.25 * 2**i for i in range(22)]
-
-
-class LatencyHistogram:
-    """Fixed log-spaced buckets; O(1) memory per method whatever the call count."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(_BOUNDS_MS) + 1)
-        self.total = 0
-        self.sum_ms = 0.0
-
-    def observe(self, ms: float) -> None:
-        self.counts[bisect.bisect_left(_BOUNDS_MS, ms)] += 1
-        self.total += 1
-        self.sum_ms += ms
-
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding quantile q (ms); nan when empty."""
-        if not self.total:
-            return math.nan
-        rank = q * self.total
-        seen = 0
-        for i, count in enumerate(self.counts):
-            seen += count
-            if seen >= rank:
-                return _BOUNDS_MS[i] if i < len(_BOUNDS_MS) else math.inf
-        return math.inf
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"count": self.total, "sum_ms": round(self.sum_ms, 3), "p50_ms": self.quantile(0.5),
-                "p99_ms": self.quantile(0.99), "buckets_ms": _BOUNDS_MS, "counts": list(self.counts)}
-
-
 def _limits(runtime: Any, value: dict | None, field: str = "limits") -> Any:
     if not value:
         return None
@@ -112,31 +79,71 @@ def _limits(runtime: Any, value: dict | None, field: str = "limits") -> Any:
     return Limits(**value).validate(field)
 
 
-def build_router(runtime: SandboxRuntime, *, started_at: float | None = None) -> Router:
-    """The daemon's methods over `runtime`, with per-method latency histograms and error counters."""
+# Level of the log line for a call that failed with this code: the caller's mistakes are routine in
+# RL rollouts (a model asking for a missing file); the daemon's own failures are not.
+_ERROR_LEVELS = {"bad_request": logging.INFO, "not_found": logging.INFO, "timeout": logging.WARNING,
+                 "limit": logging.WARNING, "busy": logging.WARNING, "unauthorized": logging.WARNING,
+                 "internal": logging.ERROR}
+_LIFECYCLE = {"sandbox.create": "created", "sandbox.fork": "forked", "sandbox.destroy": "destroyed"}
+
+
+def _log_call(name: str, ctx: CallContext, params: dict, result: Any, exc: BaseException | None, ms: float) -> None:
+    fields: dict[str, Any] = {"method": name, "peer": ctx.peer, "duration_ms": round(ms, 3)}
+    sandbox = params.get("sandbox") or (result.get("sandbox") if isinstance(result, dict) else None)
+    if sandbox:
+        fields["sandbox"] = sandbox
+    snapshot = params.get("snapshot") or (result.get("snapshot") if isinstance(result, dict) else None)
+    if snapshot:
+        fields["snapshot"] = snapshot
+    if exc is None:
+        verb = _LIFECYCLE.get(name)
+        if verb:
+            log.info("sandbox %s %s", sandbox, verb, extra=fields)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s ok in %.1f ms", name, ms, extra=fields)
+        return
+    code = getattr(exc, "code", None)
+    fields["code"] = code if isinstance(code, str) else "internal"
+    if getattr(exc, "field", None):
+        fields["field"] = exc.field
+    # An exception without a code is logged with its traceback by the wire server; a coded
+    # `internal` (sandboxd's Internal) is not, so its traceback goes here.
+    log.log(_ERROR_LEVELS.get(fields["code"], logging.WARNING), "%s failed (%s): %s", name, fields["code"], exc,
+            extra=fields, exc_info=exc if code == "internal" else None)
+
+
+def build_router(runtime: SandboxRuntime, *, calls: CallStats | None = None) -> Router:
+    """The daemon's methods over `runtime`. Each call's latency and outcome go to `calls` (the
+    source of `node.stats` and of the Prometheus metrics) and to the log ("sandboxd.calls")."""
     router = Router()
-    latency: dict[str, LatencyHistogram] = {}
-    errors: Counter[str] = Counter()
-    started = started_at or time.time()
+    calls = calls if calls is not None else CallStats()
 
     def timed(name: str):
-        hist = latency.setdefault(name, LatencyHistogram())
+        calls.histogram(name)  # listed (with zero calls) from the start
 
         def wrap(fn):
             async def handler(ctx: CallContext, **params: Any) -> Any:
                 t0 = time.perf_counter()
                 try:
-                    return await fn(ctx, **params)
+                    result = await fn(ctx, **params)
                 except Exception as exc:
-                    errors[getattr(exc, "code", "internal")] += 1
                     # The runtime names its arguments sandbox_id/snapshot_id; the wire calls them
                     # sandbox/snapshot. Errors name the field the caller actually sent.
                     field = getattr(exc, "field", None)
                     if field in _FIELD_ALIASES:
                         exc.field = _FIELD_ALIASES[field]
+                    ms = (time.perf_counter() - t0) * 1e3
+                    code = getattr(exc, "code", None)
+                    calls.record(name, code if isinstance(code, str) else "internal", ms)
+                    _log_call(name, ctx, params, None, exc, ms)
                     raise
-                finally:
-                    hist.observe((time.perf_counter() - t0) * 1e3)
+                except BaseException:  # cancelled: the caller stopped waiting, or the daemon stops
+                    calls.record(name, "cancelled", (time.perf_counter() - t0) * 1e3)
+                    raise
+                ms = (time.perf_counter() - t0) * 1e3
+                calls.record(name, "ok", ms)
+                _log_call(name, ctx, params, result, None, ms)
+                return result
 
             # Keep the signature so the router checks parameters against `fn`, not `**params`.
             handler.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
@@ -214,9 +221,9 @@ def build_router(runtime: SandboxRuntime, *, started_at: float | None = None) ->
     def node_stats(ctx: CallContext) -> dict:
         return {
             "runtime": runtime.stats(),
-            "uptime_s": round(time.time() - started, 3),
-            "errors": dict(errors),
-            "latency": {name: hist.to_dict() for name, hist in latency.items() if hist.total},
+            "uptime_s": round(time.time() - calls.started_at, 3),
+            "errors": calls.errors_by_code(),
+            "latency": {name: hist.to_dict() for name, hist in calls.latency.items() if hist.total},
         }
 
     return router

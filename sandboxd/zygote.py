@@ -86,6 +86,11 @@ class Zygote:
     def pid(self) -> int:
         return self._proc.pid
 
+    @property
+    def ready(self) -> int:
+        """Embryos delivered and not yet taken: how many creates need not wait for a fork."""
+        return len(self._embryos)
+
     async def receive_embryos(self) -> None:
         """Collect the embryos the zygote delivers, until it exits (or we close)."""
         why = "exited"
