@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import stat
 import sys
@@ -48,13 +49,34 @@ def read_token(path: str) -> str:
     return token
 
 
+def fit_fd_limit(max_connections: int) -> int:
+    """Raise the soft fd limit to the hard one; returns `max_connections`, lowered (with a warning)
+    if the fds would run out first: a client over the limit gets a clear `busy`, not a hung connect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, exc)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    room = soft - min(1024, soft // 4)  # fds for sandboxes, the zygote, layers and logs
+    if max_connections > room:
+        log.warning("--max-connections %d lowered to %d: the fd limit is %d (raise it with ulimit -n or "
+                    "LimitNOFILE=)", max_connections, max(room, 1), soft)
+        return max(room, 1)
+    return max_connections
+
+
 async def serve(args: argparse.Namespace, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     token = read_token(args.token_file) if args.token_file else None
     os.makedirs(args.root, mode=0o700, exist_ok=True)
     async with open_runtime(args.runtime, args.root) as runtime:
         calls = CallStats()
         server = WireServer(build_router(runtime, calls=calls), token=token, name=f"sandboxd/{args.runtime}",
-                            max_connections=args.max_connections)
+                            max_connections=fit_fd_limit(args.max_connections),
+                            hello_timeout_s=args.hello_timeout_s)
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve, args.listen)
             if args.metrics_listen:
@@ -82,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     p.add_argument("--runtime", choices=RUNTIMES, default="ns", help="sandbox runtime (default ns)")
     p.add_argument("--max-connections", type=int, default=16384)
+    p.add_argument("--hello-timeout-s", type=float, default=10.0,
+                   help="close a connection that has not said hello by then (default 10)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=logs.FORMATS,
                    help="text, or json: one object per line (time, level, logger, message, fields)")

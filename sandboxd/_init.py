@@ -54,6 +54,12 @@ MAX_MESSAGE = 1 << 20
 SHELL_MOUNT_POINT = "/s"  # in the zygote's root, where init attaches its shell tree
 HOSTNAME = "sandbox"
 MAX_FDS = 16
+# Commands run as uid 0 without capabilities, and these kernel knobs check only the file mode,
+# which lets the owner (root) write: kernel.core_pattern would run a program of the sandbox's
+# choosing on the host, sysrq-trigger reboots it, irq/*/smp_affinity steers the host's interrupts.
+# Read-only binds over them in every root's /proc, as container runtimes do (the proc unmount,
+# MNT_DETACH, takes them along).
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi")
 
 
 def send(sock, msg):
@@ -190,6 +196,14 @@ class Init:
         if "/" in root or root.startswith("."):
             raise OSError(errno.EINVAL, f"bad root name {root!r}")
         linux.mount("proc", f"/{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        for name in PROC_READ_ONLY:
+            path = f"/{root}/proc/{name}"
+            try:
+                linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+            except FileNotFoundError:  # not in this kernel's /proc
+                continue
+            linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
+                        | linux.MS_NODEV | linux.MS_NOEXEC)
         old, old_fd = self.root, self.root_fd
         self.root, self.proc_on = root, root
         self.root_fd = os.open(f"/{root}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -248,8 +248,10 @@ class Connection:
         self.our_closed = False  # we sent a connection-level error: nothing more may be sent
         self.their_closed = False
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-        self._zd = zstandard.ZstdDecompressor()
+        # zstd contexts are made on first use: ~30 KB and ~0.1 ms each, times every connection a
+        # daemon holds (most never send a frame large enough to compress).
+        self._zc: zstandard.ZstdCompressor | None = None
+        self._zd: zstandard.ZstdDecompressor | None = None
         self._receivable = _RECEIVABLE[role]
         # Look for the kinds this role receives most first.
         self._kind_order = ("method", "cancel", "hello", "result", "stream", "error") if role is Role.SERVER else (
@@ -322,18 +324,23 @@ class Connection:
             return self._unpack(piece)
 
     def _decompress(self, raw: memoryview) -> bytes:
+        # Before the hello nobody is authenticated: a compressed hello may inflate to a hello's worth
+        # at most (a 2 KB zstd frame inflates to 60 MB, which msgpack would turn into half a GB).
+        limit, what = (self.max_frame, "max_frame") if self.their_hello is not None else (_MAX_HELLO, "a hello's")
         try:
             size = zstandard.frame_content_size(raw)
         except zstandard.ZstdError as exc:
             raise RemoteProtocolError(f"compressed frame body is not a zstd frame: {exc}") from exc
-        if size > self.max_frame:
+        if size > limit:
             raise RemoteProtocolError(
-                f"compressed frame inflates to {size} bytes, over max_frame of {self.max_frame} bytes", code="limit"
+                f"compressed frame inflates to {size} bytes, over {what} limit of {limit} bytes", code="limit"
             )
         try:
             # With an unknown content size (-1), max_output_size bounds the output buffer, so a
             # decompression bomb fails instead of allocating without limit.
-            return self._zd.decompress(raw, max_output_size=self.max_frame)
+            if self._zd is None:
+                self._zd = zstandard.ZstdDecompressor()
+            return self._zd.decompress(raw, max_output_size=limit)
         except zstandard.ZstdError as exc:
             raise RemoteProtocolError(f"cannot decompress frame body: {exc}") from exc
 
@@ -343,6 +350,8 @@ class Connection:
             return msgpack.unpackb(raw, raw=False)
         except msgpack.ExtraData as exc:
             raise RemoteProtocolError("frame body holds more than one msgpack object") from exc
+        except msgpack.StackError as exc:  # a ValueError with no message
+            raise RemoteProtocolError("frame body is not valid msgpack: nested too deeply") from exc
         except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
             raise RemoteProtocolError(f"frame body is not valid msgpack: {exc}") from exc
         except RecursionError as exc:  # pragma: no cover - msgpack bounds nesting itself
@@ -480,6 +489,8 @@ class Connection:
             raise LocalProtocolError(f"message cannot be encoded as msgpack: {exc}") from exc
         flags = 0
         if len(packed) > self.compress_threshold:
+            if self._zc is None:
+                self._zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
             compressed = self._zc.compress(packed)
             # Random payloads do not shrink: sending them raw saves the peer a decompression.
             if len(compressed) < len(packed):

@@ -8,6 +8,7 @@ and is closed; nothing it sends can crash the server or leak the connection's re
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -44,6 +45,9 @@ log = logging.getLogger("swe_dapo.wire")
 _READ_SIZE = 64 << 10
 _MAX_READ_SIZE = 4 << 20
 _ACCEPT_CAPACITY_ERRNOS = {24, 23, 12, 105}  # EMFILE, ENFILE, ENOMEM, ENOBUFS: back off, keep serving
+# Refused connections are logged one line each, up to this many a second; past it they are counted
+# and summed up once a second (a flood of connections must not become a flood of log lines).
+_REFUSAL_LOG_BURST = 20
 
 
 def _error_fields(exc: BaseException, method: str) -> tuple[str, str, Any]:
@@ -92,7 +96,10 @@ class WireServer:
         self.hello_timeout_s = hello_timeout_s
         self.send_high_water = send_high_water
         self.connections = 0
-        self.counters: Counter[str] = Counter()  # connections_total, calls, errors.<code>, protocol_errors
+        # connections_total, calls, errors.<code>, protocol_errors, refused.<code>
+        self.counters: Counter[str] = Counter()
+        self._logged_this_second = 0  # refusal log lines; reset every second by the reporter
+        self._unlogged: Counter[str] = Counter()  # refusals counted but not logged yet, by code
         self.addresses: list[str] = []
         if router.get("wire.ping") is None:
             router.add("wire.ping", _ping)
@@ -119,6 +126,7 @@ class WireServer:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
+                nursery.start_soon(self._report_unlogged_refusals)
                 log.info("serving on %s", ", ".join(self.addresses))
                 task_status.started(list(self.addresses))
         finally:
@@ -131,17 +139,76 @@ class WireServer:
                 except OSError:
                     pass
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    def log_refusal(self, peer: str, code: str, message: str, *, after_hello: bool = False) -> None:
+        """Log a refused (or, `after_hello`, a closed) connection with its error code; rate-limited."""
+        self.counters[f"refused.{code}"] += 1
+        if self._logged_this_second >= _REFUSAL_LOG_BURST:
+            self._unlogged[code] += 1
+            return
+        self._logged_this_second += 1
+        if after_hello:
+            log.info("closed connection from %s: %s: %s", peer, code, message)
+        else:
+            log.warning("refused connection from %s: %s: %s", peer, code, message)
+
+    async def _report_unlogged_refusals(self) -> None:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept failed (%s); retrying in 100 ms", exc)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            nursery.start_soon(self.handle_stream, stream)
+            await trio.sleep(1.0)
+            if self._unlogged:
+                counts = ", ".join(f"{code} {n}" for code, n in sorted(self._unlogged.items()))
+                log.warning("refused %d more connections in the last second, not logged one by one (%s)",
+                            sum(self._unlogged.values()), counts)
+                self._unlogged.clear()
+            self._logged_this_second = 0
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        # One fd held back: out of fds, it is let go to accept the waiting connection and tell it
+        # why it is refused (otherwise clients would wait in the backlog without an answer).
+        reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) and reserve >= 0:
+                        os.close(reserve)
+                        reserve = -1
+                        await self._refuse_one(listener, f"server is out of file descriptors ({exc.strerror})")
+                        try:
+                            reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                        except OSError:
+                            await trio.sleep(0.1)
+                        continue
+                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        log.error("accept failed (%s); retrying in 100 ms", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self.handle_stream, stream)
+        finally:
+            if reserve >= 0:
+                os.close(reserve)
+
+    async def _refuse_one(self, listener: trio.SocketListener, message: str) -> None:
+        try:
+            stream = await listener.accept()
+        except OSError:
+            await trio.sleep(0.1)  # still no fd: the connection waits in the backlog
+            return
+        await self._refuse(stream, _peer_name(stream), "busy", message)
+
+    async def _refuse(self, stream: trio.abc.Stream, peer: str, code: str, message: str) -> None:
+        """Answer a connection-level error before any hello, and close."""
+        self.counters[f"errors.{code}"] += 1
+        self.log_refusal(peer, code, message)
+        try:
+            with trio.move_on_after(1.0):
+                await stream.send_all(Connection(Role.SERVER, max_frame=self.max_frame).send(
+                    ErrorResponse(None, code, message)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str = "") -> None:
         """Serve one connection until it closes. Never raises (but for cancellation)."""
@@ -151,10 +218,7 @@ class WireServer:
         self.connections += 1
         try:
             if self.connections > self.max_connections:
-                codec = Connection(Role.SERVER, max_frame=self.max_frame)
-                self.counters["errors.busy"] += 1
-                with trio.move_on_after(1.0):
-                    await stream.send_all(codec.send(ErrorResponse(None, "busy", f"too many connections (max {self.max_connections})")))
+                await self._refuse(stream, peer, "busy", f"too many connections (max {self.max_connections})")
                 return
             await _ServerConnection(self, stream, peer).run()
         finally:
@@ -204,13 +268,16 @@ class _ServerConnection:
                 except RemoteProtocolError as exc:
                     counters["protocol_errors"] += 1
                     counters[f"errors.{exc.code}"] += 1
-                    log.info("closing connection from %s: %s", self.peer, exc)
+                    self.server.log_refusal(self.peer, exc.code, str(exc),
+                                            after_hello=self.codec.their_hello is not None)
                     await self._close_with_error(exc.code, str(exc))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     log.debug("connection from %s lost: %s", self.peer, exc)
                 except trio.TooSlowError:
                     counters["errors.timeout"] += 1
-                    await self._close_with_error("timeout", f"no hello within {self.server.hello_timeout_s} s")
+                    message = f"no hello within {self.server.hello_timeout_s} s"
+                    self.server.log_refusal(self.peer, "timeout", message)
+                    await self._close_with_error("timeout", message)
                 nursery.cancel_scope.cancel()
 
     async def _close_with_error(self, code: str, message: str) -> None:
