@@ -318,6 +318,6 @@ def _route(request: h11.Request, registry: CollectorRegistry) -> tuple[int, byte
         return 405, b"only GET and HEAD\n", "text/plain; charset=utf-8"
     if path == b"/metrics":
         return 200, generate_latest(registry), CONTENT_TYPE_LATEST
-    if path == b"/":
+    if path in (b"/", b"/healthz"):  # answered by the daemon's trio loop: a liveness signal
         return 200, b"sandboxd: metrics at /metrics\n", "text/plain; charset=utf-8"
     return 404, b"not found; metrics at /metrics\n", "text/plain; charset=utf-8"

@@ -100,6 +100,7 @@ async def test_metrics_listener_serves_the_registry_and_only_it():
         assert value(snap, "sandboxd_sandboxes") == 5 and value(snap, "sandboxd_zygote_embryos") == 4
         assert value(snap, "sandboxd_state_free_bytes") > 0
         assert value(snap, "process_open_fds") > 0
+        assert (await trio.to_thread.run_sync(get, "/healthz"))[0] == 200
         assert (await trio.to_thread.run_sync(get, "/nope"))[0] == 404
         assert (await trio.to_thread.run_sync(get, "/metrics", "POST"))[0] == 405
         status, _, body = await trio.to_thread.run_sync(get, "/metrics", "HEAD")
