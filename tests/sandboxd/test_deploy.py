@@ -122,10 +122,14 @@ async def test_daemon_serves_under_the_units_capability_bounding_set(tmp_path, g
     caps = [c.removeprefix("CAP_") for c in service["CapabilityBoundingSet"][-1].split()]
     assert set(caps) <= set(CAP_NUMBERS), f"unknown capability in the unit: {set(caps) - set(CAP_NUMBERS)}"
     bounding = "-all," + ",".join(f"+{c.lower()}" for c in caps)
+    setpriv = ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--nnp"]
+    # ExecStartPre: doctor runs (and mounts its probe overlay) under the same limits.
+    res = subprocess.run([*setpriv, sys.executable, "-m", "sandboxd", "doctor", "--root", str(tmp_path / "root"),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
     sock = tmp_path / "d.sock"
     log = open(tmp_path / "log", "w")
-    proc = subprocess.Popen(["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--nnp",
-                             sys.executable, "-m", "sandboxd", "serve", "--root", str(tmp_path / "root"),
+    proc = subprocess.Popen([*setpriv, sys.executable, "-m", "sandboxd", "serve", "--root", str(tmp_path / "root"),
                              "--listen", f"unix:{sock}", "--log-level", "WARNING"], stderr=log)
     log.close()
     try:
