@@ -18,7 +18,7 @@ Names (all prefixed ``sandboxd_`` but the process ones):
     sandboxes_created_total{via}                  via "create" or "fork"
     sandboxes_destroyed_total, restores_total, forks_total, snapshots_total
     wire_connections_open, wire_connections_total, wire_requests_total, wire_errors_total{code},
-    wire_protocol_errors_total
+    wire_refused_total{code}, wire_protocol_errors_total
     sandboxes, snapshots, layers, spare_uppers, zygote_embryos, images, pending_removals  (gauges,
                                                    those the runtime reports)
     state_free_bytes, state_free_inodes           of the filesystem holding the state directory
@@ -187,12 +187,20 @@ class DaemonCollector(Collector):
 
     def _wire(self) -> Iterator[Metric]:
         counters = self.wire.counters
-        yield GaugeMetricFamily("sandboxd_wire_connections_open", "Wire connections open now.", value=self.wire.connections)
-        yield CounterMetricFamily("sandboxd_wire_connections", "Wire connections accepted (refused ones included).",
+        yield GaugeMetricFamily("sandboxd_wire_connections_open", "Wire connections open now.",
+                                value=self.wire.connections)
+        yield CounterMetricFamily("sandboxd_wire_connections", "Wire connections accepted.",
                                   value=counters.get("connections_total", 0))
         yield CounterMetricFamily("sandboxd_wire_requests", "Wire requests received.", value=counters.get("calls", 0))
         yield CounterMetricFamily("sandboxd_wire_protocol_errors", "Connections closed for breaking the protocol "
-                                  "(bad hello, wrong token, oversized frame, ...).", value=counters.get("protocol_errors", 0))
+                                  "(bad hello, wrong token, oversized frame, ...).",
+                                  value=counters.get("protocol_errors", 0))
+        refused = CounterMetricFamily("sandboxd_wire_refused", "Connections refused or closed before or at the "
+                                      "hello, by wire error code.", labels=["code"])
+        for key, n in sorted(counters.items()):
+            if key.startswith("refused."):
+                refused.add_metric([key[len("refused."):]], n)
+        yield refused
         errors = CounterMetricFamily("sandboxd_wire_errors", "Error answers sent, by wire error code (calls and "
                                      "connections).", labels=["code"])
         for key, n in sorted(counters.items()):

@@ -34,7 +34,7 @@ def test_parse_source():
     assert parse_source("tcp://10.0.0.1:7070") == StaticSource("tcp://10.0.0.1:7070")
     assert parse_source("tcp:[fd00::1]:7070") == StaticSource("tcp://[fd00::1]:7070")
     assert parse_source("dns:sandboxd.swe.svc.cluster.local:7070") == DnsSource("sandboxd.swe.svc.cluster.local", 7070)
-    assert parse_source("srv:_wire._tcp.sandboxd.swe.svc.cluster.local.") == SrvSource("_wire._tcp.sandboxd.swe.svc.cluster.local")
+    assert parse_source("srv:_wire._tcp.sandboxd.svc.") == SrvSource("_wire._tcp.sandboxd.svc")
     for bad, words in (("node7:7070", "expected unix:PATH"), ("tcp:node7", "HOST:PORT"), ("dns:name:0", "port"),
                        ("unix:", "path is empty"), ("srv:a..b", "bad SRV name"), ("", "non-empty")):
         with pytest.raises(ValueError, match=words):
@@ -224,7 +224,8 @@ def dns_answer(query: bytes, srv: list[tuple[int, int, int, str]], additional: d
 def test_srv_packets_parse_by_priority_then_weight():
     query = build_srv_query("_wire._tcp.sandboxd.svc", query_id=7)
     msg = dns_answer(query, [(10, 5, 7071, "b.sandboxd.svc"), (0, 1, 7070, "a.sandboxd.svc"),
-                             (10, 50, 7072, "c.sandboxd.svc")], {"a.sandboxd.svc": "10.0.0.1", "b.sandboxd.svc": "fd00::2"})
+                             (10, 50, 7072, "c.sandboxd.svc")],
+                     {"a.sandboxd.svc": "10.0.0.1", "b.sandboxd.svc": "fd00::2"})
     records, addresses = parse_srv_response(msg)
     assert records == [("a.sandboxd.svc", 7070), ("c.sandboxd.svc", 7072), ("b.sandboxd.svc", 7071)]
     assert addresses == {"a.sandboxd.svc": ["10.0.0.1"], "b.sandboxd.svc": ["fd00::2"]}

@@ -201,7 +201,8 @@ def test_manifests_refer_to_each_other_and_to_real_flags():
     assert any(addr.startswith("tcp://0.0.0.0:") for addr in opts["--listen"])
     # readiness is `sandboxd doctor --json` on the same state dir; liveness is the daemon's own loop
     probe = container["readinessProbe"]["exec"]["command"]
-    assert probe[:2] == ["sandboxd", "doctor"] and "--json" in probe and probe[probe.index("--root") + 1] == opts["--root"][0]
+    assert probe[:2] == ["sandboxd", "doctor"] and "--json" in probe
+    assert probe[probe.index("--root") + 1] == opts["--root"][0]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert opts["--metrics-listen"][0].endswith(f":{ports['metrics']}")

@@ -72,7 +72,8 @@ def make_node(tmp_path, *, proc=None, cgroup=None, euid=0, tools=("unshare", "ns
         return nofile if which == resource.RLIMIT_NOFILE else (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 
     node = Node(
-        proc=str(proc or make_proc(tmp_path)), cgroup=str(cgroup or make_v2(tmp_path)), modules=str(tmp_path / "modules"),
+        proc=str(proc or make_proc(tmp_path)), cgroup=str(cgroup or make_v2(tmp_path)),
+        modules=str(tmp_path / "modules"),
         euid=lambda: euid, which=lambda tool: f"/usr/bin/{tool}" if tool in tools else None,
         run=lambda argv: (0, f"{os.path.basename(argv[0])} version 9.9"),
         statvfs=lambda path: SimpleNamespace(f_bavail=free_bytes // 4096, f_frsize=4096, f_favail=free_inodes),

@@ -220,6 +220,7 @@ async def test_metrics_and_logs_of_a_real_daemon_move_with_its_calls(tmp_path):
     assert delta("sandboxd_calls_total", method="sandbox.exec", code="not_found") == 1
     assert delta("sandboxd_wire_errors_total", code="not_found") == 1
     assert delta("sandboxd_wire_errors_total", code="unauthorized") == 1
+    assert delta("sandboxd_wire_refused_total", code="unauthorized") == 1
     assert delta("sandboxd_wire_connections_total") >= 2
     assert value(during, "sandboxd_wire_connections_open") >= 1
     assert "sandboxd_zygote_embryos" in {name for name, _ in after}
