@@ -387,6 +387,37 @@ async def test_a_daemon_with_few_fds_lowers_its_connection_limit_and_refuses_cle
         assert d.stop() == 0, d.log_text()[-4000:]
 
 
+async def test_a_daemon_out_of_fds_answers_busy_and_recovers(tmp_path):
+    """ulimit -n 40: the fds run out before the (lowered) connection limit; a connection past them
+    is still accepted, on a reserved fd, told `busy: server is out of file descriptors` and closed,
+    instead of waiting unanswered in the backlog."""
+    def very_few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    sock = tmp_path / "nofds.sock"
+    d = start_daemon(str(tmp_path / "root"), [f"unix:{sock}"], preexec_fn=very_few_fds)
+    try:
+        peers, answers = [], []
+        with trio.fail_after(60):
+            for _ in range(80):
+                peer = await RawPeer.open(f"unix:{sock}")
+                peers.append(peer)
+                await peer.send(frame({"hello": "swe-dapo", "version": 1}))
+            for peer in peers:
+                answers.append(await peer.next_event())
+        refused = [a for a in answers if not isinstance(a, Hello)]
+        assert all(isinstance(a, ErrorResponse) and a.code == "busy" for a in refused), refused[:3]
+        assert any("out of file descriptors" in a.message for a in refused), refused[:3]
+        d.wait_for_log(r"refused connection from unix: busy: server is out of file descriptors")
+        for peer in peers:
+            await peer.stream.aclose()
+        async with connect(f"unix:{sock}", connect_timeout_s=5) as node:
+            async with node.open("host") as sb:  # and it still makes sandboxes
+                assert (await sb.exec("echo ok", timeout_s=30)).output == b"ok\n"
+    finally:
+        assert d.stop() == 0, d.log_text()[-4000:]
+
+
 # --- from inside a sandbox ------------------------------------------------------------------------------
 
 # Runs in the attacking sandbox; prints {attack: "refused: ERRNO" | "ALLOWED: ..."} as JSON.
