@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -302,6 +303,25 @@ def _ulimits(node: Node) -> list[Check]:
     return checks
 
 
+_SCRATCH = ".sandboxd-doctor-"
+
+
+def _sweep_scratch(parent: str, age_s: float = 600.0) -> None:
+    """Scratch directories of probes killed before they cleaned up (a probe runner's timeout): their
+    mounts died with the probe's namespace, the directories are plain files now."""
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(_SCRATCH) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime > age_s:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def run_checks(root: str, node: Node | None = None) -> list[Check]:
     """Every check, in the order a person fixes them."""
     node = node or Node()
@@ -312,7 +332,8 @@ def run_checks(root: str, node: Node | None = None) -> list[Check]:
                     "use --runtime podman / dir")]
     if is_root and not node.probed:
         parent = _existing(root)
-        base = tempfile.mkdtemp(prefix=".sandboxd-doctor-", dir=parent) if os.access(parent, os.W_OK) else None
+        _sweep_scratch(parent)
+        base = tempfile.mkdtemp(prefix=_SCRATCH, dir=parent) if os.access(parent, os.W_OK) else None
         try:
             node.probed = node.probe(base) if base else {"overlay": f"{parent} is not writable"}
         finally:

@@ -101,6 +101,15 @@ def test_a_healthy_v2_node_is_ok_and_the_probe_leaves_nothing(tmp_path):
     assert os.path.dirname(base) == str(tmp_path) and not os.path.exists(base) and not state.exists()
 
 
+def test_scratch_dirs_of_killed_probes_are_swept(tmp_path):
+    old, recent = tmp_path / ".sandboxd-doctor-old", tmp_path / ".sandboxd-doctor-new"
+    for d in (old, recent):
+        (d / "lower").mkdir(parents=True)
+    os.utime(old, (0, 0))
+    run_checks(str(tmp_path / "state"), make_node(tmp_path))
+    assert not old.exists() and recent.exists()
+
+
 def test_hybrid_v1_is_ok(tmp_path):
     checks = by_name(run_checks(str(tmp_path), make_node(tmp_path, cgroup=make_v1(tmp_path))))
     assert checks["cgroups"].status == "ok" and "hybrid" in checks["cgroups"].detail
