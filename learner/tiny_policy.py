@@ -1,0 +1,743 @@
+"""The tiny policy of the embedded default run: its tokenizer, its pre-training data, its SFT, its check.
+
+RL only sharpens what a policy already does sometimes, so the shipped checkpoint is pre-trained on a
+*mixture* of scaffold episodes on TRAIN toy templates: at the decisive step (the edit) the data shows
+the correct fix only part of the time and plausible wrong moves otherwise. A group of G rollouts of
+the pre-trained model then holds both successes and failures, and RFT/DAPO have something to push.
+
+An episode of the data (three or four model turns, short observations, for CPU sampling speed)::
+
+    locate   grep -rn -A8 "def <function>("     (level 3 issues: the entry function first, then its helper)
+    edit     str_replace(path, old=<bug lines>, new=<fixed lines>)      <- the mixture is here
+    submit
+
+The mixture at the edit (`MIX`): the correct fix; another mutation of the same line (`<` -> `>`
+where `<=` was right); a mutation of another line of the function; no edit at all; and, before it,
+a grep of the wrong function. Besides the 32 real (template, bug) pairs of the train templates, the
+data has *synthetic* bugs: single-line mutations (comparison, arithmetic, swapped arguments, returned
+variable, default value, format spec) of the train templates' functions, whose fix is the inverse
+mutation. They teach "copy the line out of the grep output and flip what looks wrong" over many
+lines, which is what transfers to the held-out templates; the 32 real sites alone would be memorised.
+
+Episodes are recorded token-exact through the scaffold (`agent.scaffold.run_episode` with real tools
+on a `LocalWorkspace`): the prompt rendered by the chat template, each turn's action ids as the
+sampler would return them (text + ``<|im_end|>``), each observation's ids as the scaffold appends
+them. The SFT loss is on action tokens only, as RFT's.
+
+Parts: tokenizer (`train_tokenizer`), mutations (`line_mutations`), episode plans (`plan_episode`),
+data (`generate_data`), SFT (`pretrain`), and the check with real sandboxes and the embedded policy
+server (`evaluate_policy`). `scripts/make_tiny_policy.py` drives them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import random
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MIX", "Mix", "SFTConfig", "Sample", "TinyEpisode", "evaluate_policy", "generate_data", "line_mutations",
+    "plan_episode", "pretrain", "summarize", "synthetic_sites", "train_tokenizer",
+]
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GREP_CONTEXT_LINES = 8  # -A of the locate step: every toy bug line is within 8 lines of its `def`
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer.
+
+
+def train_tokenizer(corpus: Sequence[str], vocab_size: int = 2048) -> Any:
+    """A byte-level BPE trained on `corpus`, wrapped as a `PreTrainedTokenizerFast` with ChatML.
+
+    Byte-level: every string round-trips, held-out code included. Deterministic for a corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(corpus), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 bos_token=None)
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutations of one line of code (pure). Each returns variants that differ from `line` by one edit.
+
+_CMP = [  # (pattern, replacement): one comparison operator turned into a near miss
+    (r"(?<![<>=!-])<(?![<=])", "<="), (r"<=", "<"), (r"(?<![<>=!-])>(?![>=])", ">="), (r">=", ">"),
+    (r"==", "!="), (r"!=", "=="),
+]
+_ARITH = [(r" \+ ", " - "), (r" - ", " + "), (r" \* ", " + "), (r" // ", " / "), (r"(?<!/) / (?!/)", " // ")]
+_RANGE = [(r"range\((\w+)\)", r"range(\1 - 1)"), (r"range\(1, (\w+)\)", r"range(\1)"),
+          (r"range\((\w+) - 1\)", r"range(\1)"), (r"range\((\w+)\)", r"range(1, \1)")]
+_FORMAT = [(r":,", ":"), (r"(:[<>^]?)0(\d+)d", r"\1\2d"), (r"(\.\{?\w*\}?)f\}", r"\1g}"), (r"(\.\{?\w*\}?)g\}", r"\1f}"),
+           (r":>", ":<"), (r":<", ":>"), (r":(\d+)d\}", r":0\1d}")]
+_DEFAULT = [(r"=None\b", "=0"), (r"=0\.0\b", "=1.0"), (r"=1\.0\b", "=0.0"), (r"=0\b(?!\.)", "=1"), (r"=1\b(?!\.)", "=0"),
+            (r"=True\b", "=False"), (r"=False\b", "=True"), (r'="(\w+)"', r'=""'), (r"=(\d+)\b(?!\.)", r"=\g<1>0")]
+_ARG = r"[\w.\[\]]+(?:\([\w., ]*\))?"  # a name, attribute, item or call with simple arguments
+_CALL_ARGS = re.compile(rf"\b(\w+)\(({_ARG}), ({_ARG})([,)])")
+# Near misses that are never the inverse of a toy bug kind: the wrong edits of the mixture.
+_WRONG = [(r"<=", ">="), (r"(?<![<>=!-])<(?![<=])", ">"), (r"(?<![<>=!-])>(?![>=])", "<"), (r">=", "<="),
+          (r"==", ">="), (r" \+ ", " * "), (r" - ", " * "), (r" \* ", " - "), (r"(?<!/) / (?!/)", " * "),
+          (r"range\((\w+)\)", r"range(\1 + 1)"), (r"^(\s*return ).+$", r"\1None"), (r":[^{}]*\}", "}"),
+          (r"=(\w+)\)", r"=None)"), (r"\braise (\w+)\(", r"raise TypeError(")]
+_RETURN_NAME = re.compile(r"^(\s*return )(\w+)\s*$")
+_IDENT = re.compile(r"\b[a-z_][a-z0-9_]*\b")
+_KEYWORDS = frozenset("return if else for in not and or is None True False def class lambda pass raise from "
+                      "import with as try except while yield self len range".split())
+
+
+def _sub_each(line: str, pattern: str, repl: str) -> list[str]:
+    """`line` with one match of `pattern` replaced, for each match."""
+    out = []
+    for m in re.finditer(pattern, line):
+        out.append(line[:m.start()] + m.expand(repl) + line[m.end():])
+    return out
+
+
+def _code_part(line: str) -> bool:
+    s = line.strip()
+    return bool(s) and not s.startswith(("#", '"""', "'''", "@")) and not (s.startswith('"') and s.endswith('"'))
+
+
+def line_mutations(line: str, names: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(kind, mutated line) for every single-edit mutation of `line` this module knows, no duplicates.
+
+    `names`: identifiers of the enclosing function (parameters, assigned names) that a ``return x``
+    may be changed to. Kinds follow `agent.toy.BUG_KINDS` where one fits.
+    """
+    if not _code_part(line):
+        return []
+    out: list[tuple[str, str]] = []
+    stripped = line.strip()
+    if stripped.startswith("def "):
+        for pat, repl in _DEFAULT:
+            out += [("wrong_default", v) for v in _sub_each(line, pat, repl)]
+    else:
+        in_string = '"' in line or "'" in line
+        for pat, repl in _CMP:
+            out += [("off_by_one", v) for v in _sub_each(line, pat, repl) if not in_string or "f\"" not in line]
+        for pat, repl in _ARITH:
+            out += [("wrong_operator", v) for v in _sub_each(line, pat, repl)]
+        for pat, repl in _RANGE:
+            out += [("off_by_one", v) for v in _sub_each(line, pat, repl)]
+        if "f\"" in line or "f'" in line:
+            for pat, repl in _FORMAT:
+                out += [("string_formatting", v) for v in _sub_each(line, pat, repl)]
+        for m in _CALL_ARGS.finditer(line):
+            if m.group(2) != m.group(3):
+                out.append(("swapped_arguments",
+                            line[:m.start(2)] + m.group(3) + ", " + m.group(2) + line[m.end(3):]))
+        m = _RETURN_NAME.match(line)
+        if m:
+            out += [("wrong_return", m.group(1) + n) for n in names if n != m.group(2)]
+    seen, unique = {line}, []
+    for kind, variant in out:
+        if variant not in seen:
+            seen.add(variant)
+            unique.append((kind, variant))
+    return unique
+
+
+def wrong_mutations(line: str, names: Sequence[str] = ()) -> list[str]:
+    """`line_mutations` plus near misses that no toy bug's fix is: candidates of a wrong edit."""
+    out = [v for _, v in line_mutations(line, names)]
+    if _code_part(line):
+        for pat, repl in _WRONG:
+            out += _sub_each(line, pat, repl)
+    return [v for v in dict.fromkeys(out) if v != line]
+
+
+def _function_names(source: str, fn_line: int) -> list[str]:
+    """Parameters and assigned names of the function whose `def` is at 0-based line `fn_line`."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.lineno - 1 == fn_line:
+            names = [a.arg for a in node.args.args if a.arg != "self"]
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                    names.append(sub.id)
+            return list(dict.fromkeys(names))
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites and episode plans (pure).
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """One repository state with one bug, as the data generator needs it."""
+
+    files: dict[str, str]  # repository path -> text (buggy)
+    buggy_file: str  # e.g. "planegeo/shapes.py"
+    function: str  # short name of the buggy function, e.g. "edges"
+    entry_function: str  # short name of the public function of a level-3 issue
+    old: str  # lines of the buggy file that the correct edit replaces (whole lines, no final newline)
+    new: str  # what they become
+    issue: str  # the problem statement
+    level: int
+    task_id: str
+
+
+def _call(name: str, **params: str) -> str:
+    body = "".join(f"<parameter={k}>{v}</parameter>\n" for k, v in params.items())
+    return f"<function={name}>\n{body}</function>"
+
+
+def _grep(function: str) -> str:
+    return f'grep -rn -A{GREP_CONTEXT_LINES} "def {function}("'
+
+
+def line_edit(buggy: str, fixed: str) -> tuple[str, str]:
+    """(old, new): the smallest whole-line str_replace that turns `buggy` into `fixed`, `old` unique."""
+    import difflib
+
+    a, b = buggy.split("\n"), fixed.split("\n")
+    ops = [op for op in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if not ops:
+        raise ValueError("line_edit: the texts are equal")
+    i1, i2, j1, j2 = ops[0][1], ops[-1][2], ops[0][3], ops[-1][4]
+    lo, hi = i1, i2
+    while True:
+        if hi == lo:  # a pure insertion: anchor on the next line
+            hi += 1
+        old = "\n".join(a[lo:hi])
+        if old.strip() and buggy.count(old) == 1:
+            break
+        lo = max(0, lo - 1) if lo > 0 else lo
+        hi = min(len(a), hi + 1)
+    new = "\n".join(a[lo:i1] + b[j1:j2] + a[i2:hi])
+    return old, new
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Probabilities of the moves of the pre-training data (the rest of the edit step: the correct fix)."""
+
+    wrong_locate: float = 0.10  # grep another function of the module, then edit in it (always wrong)
+    same_line_wrong: float = 0.25  # at the edit: another mutation of the bug line
+    other_line_wrong: float = 0.15  # at the edit: a mutation of another line of the function
+    no_edit: float = 0.15  # submit without editing
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"Mix.{f.name} must be in [0, 1], got {v}")
+        if self.same_line_wrong + self.other_line_wrong + self.no_edit >= 1.0:
+            raise ValueError("Mix: same_line_wrong + other_line_wrong + no_edit must be < 1 (room for the fix)")
+
+
+MIX = Mix()
+
+
+def _window(text: str, function: str) -> list[tuple[int, str]]:
+    """(0-based line, text) of the lines a `grep -A8 "def function("` shows in `text`."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if f"def {function}(" in line:
+            return list(enumerate(lines))[i:i + GREP_CONTEXT_LINES + 1]
+    return []
+
+
+def _mutated_edit(text: str, candidates: list[tuple[int, str]], names: Sequence[str],
+                  rng: random.Random) -> tuple[str, str] | None:
+    """(old, new): one mutation of one of `candidates` lines that is unique in `text`, or None."""
+    options = []
+    for _, line in candidates:
+        if text.count(line) != 1:
+            continue
+        options += [(line, v) for v in wrong_mutations(line, names)]
+    return rng.choice(options) if options else None
+
+
+def plan_episode(site: SiteFiles, rng: random.Random, mix: Mix = MIX) -> tuple[list[str], str]:
+    """The model turns of one pre-training episode of `site`, and the move it makes at the edit
+    ("fix", "same_line", "other_line", "no_edit", "wrong_locate")."""
+    text = site.files[site.buggy_file]
+    turns = []
+    if site.level == 3:
+        turns.append(f"Find `{site.entry_function}`.\n" + _call("bash", command=_grep(site.entry_function)))
+    move = "fix"
+    target = site.function
+    if rng.random() < mix.wrong_locate:
+        others = [m.group(1) for m in re.finditer(r"^\s*def (\w+)\(", text, re.M)
+                  if m.group(1) not in (site.function, "__init__")]
+        if others:
+            target, move = rng.choice(others), "wrong_locate"
+    verb = "It calls" if site.level == 3 else "Find"
+    turns.append(f"{verb} `{target}`.\n" + _call("bash", command=_grep(target)))
+    window = _window(text, target)
+    fn_line = window[0][0] if window else 0
+    names = _function_names(text, fn_line) if window else []
+    edit: tuple[str, str] | None = None
+    bug_lines = set(site.old.split("\n"))
+    if move == "fix":
+        u = rng.random()
+        if u < mix.no_edit:
+            move = "no_edit"
+        elif u < mix.no_edit + mix.same_line_wrong:
+            # Another edit of the bug lines: the whole-line `old` of the correct fix, mutated in place.
+            options = [site.old.replace(line, v, 1) for line in dict.fromkeys(site.old.split("\n"))
+                       for v in wrong_mutations(line, names)]
+            options = [o for o in dict.fromkeys(options) if o not in (site.old, site.new)]
+            if options:
+                edit, move = (site.old, rng.choice(options)), "same_line"
+        elif u < mix.no_edit + mix.same_line_wrong + mix.other_line_wrong:
+            edit = _mutated_edit(text, [w for w in window if w[1] not in bug_lines], names, rng)
+            move = "other_line" if edit is not None else "fix"
+        if move in ("same_line", "other_line") and edit is None:
+            move = "fix"
+        if move == "fix":
+            edit = (site.old, site.new)
+    elif move == "wrong_locate":  # the window of another function may reach the bug: leave those lines
+        edit = _mutated_edit(text, [w for w in window if w[1] not in bug_lines], names, rng)
+    if edit is not None:
+        turns.append("Fix it.\n" + _call("str_replace", path=site.buggy_file, old=edit[0], new=edit[1]))
+    turns.append("Done.\n" + _call("submit"))
+    return turns, move
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites of the train templates: the real ones (from `agent.toy`) and synthetic mutations.
+
+
+def _short(function: str) -> str:
+    return function.rsplit(".", 1)[-1]
+
+
+def real_sites(tasks: Sequence[Any]) -> list[SiteFiles]:
+    """One `SiteFiles` per generated toy task (its repository read from disk)."""
+    out = []
+    for task in tasks:
+        meta = task.metadata
+        repo = Path(task.repo)
+        files = {str(p.relative_to(repo)): p.read_text() for p in repo.rglob("*")
+                 if p.is_file() and ".git" not in p.relative_to(repo).parts}
+        buggy_file = meta["buggy_file"]
+        fixed = _apply_gold(files[buggy_file], task.gold_patch)
+        old, new = line_edit(files[buggy_file], fixed)
+        out.append(SiteFiles(files, buggy_file, _short(meta["buggy_function"]), _short(meta["entry_function"]),
+                             old, new, task.problem_statement, int(meta["difficulty"]), task.id))
+    return out
+
+
+def _apply_gold(text: str, gold_patch: str) -> str:
+    from agent.patch import parse_patch
+
+    lines = text.split("\n")
+    for fp in parse_patch(gold_patch):
+        for hunk in reversed(fp.hunks):
+            old = [ln[1:] for ln in hunk.lines if ln[:1] in (" ", "-")]
+            new = [ln[1:] for ln in hunk.lines if ln[:1] in (" ", "+")]
+            start = hunk.old_start - 1 if old else hunk.old_start
+            if lines[start:start + len(old)] != old:
+                raise ValueError("gold patch does not apply to the buggy file")
+            lines[start:start + len(old)] = new
+    return "\n".join(lines)
+
+
+_SYN_TITLES = ("`{f}()` returns the wrong result", "Wrong result from {f}()", "{f}() is broken",
+               "Bug in {f}()", "{f}() gives a wrong answer for simple input")
+_SYN_STORIES = ("I called `{f}()` with ordinary input and the result does not match the docstring.",
+                "After upgrading, `{f}()` started to give results that look wrong to me.",
+                "Our tests caught a wrong value coming out of `{f}()`.")
+
+
+def synthetic_sites(template_names: Sequence[str], rng: random.Random, *, per_line: int = 2) -> list[Any]:
+    """`BugSite`s made by mutating one line of a function of the named templates (levels 1 and 2 only).
+
+    Each returned item is (template, BugSite); at most `per_line` mutations per line, chosen by `rng`.
+    """
+    from agent.toy import TEMPLATES, BugSite
+
+    out = []
+    for name in template_names:
+        template = TEMPLATES[name]
+        modules = sorted(template.modules)
+        for module in modules:
+            source = template.modules[module]
+            lines = source.split("\n")
+            other_module = next(m for m in modules if m != module)
+            for i, line in enumerate(lines):
+                m = re.match(r"^\s*def (\w+)\(", line)
+                if not m or m.group(1).startswith("_"):
+                    continue
+                fn = m.group(1)
+                names = _function_names(source, i)
+                for j in range(i, min(i + GREP_CONTEXT_LINES + 1, len(lines))):
+                    if j > i and re.match(r"^\s*(def|class) ", lines[j]):
+                        break
+                    fixed_line = lines[j]
+                    if source.count(fixed_line + "\n") != 1:
+                        continue
+                    muts = line_mutations(fixed_line, names)
+                    rng.shuffle(muts)
+                    for kind, buggy_line in muts[:per_line]:
+                        f = fn
+                        site = BugSite(
+                            kind=kind, module=module, function=fn, fixed=fixed_line + "\n", buggy=buggy_line + "\n",
+                            entry_module=other_module, entry_function=fn, test_file=sorted(template.tests)[0],
+                            tests=f"def test_synthetic_{fn}_{j}_zz():\n    pass\n",
+                            title=rng.choice(_SYN_TITLES).format(f=f), story=rng.choice(_SYN_STORIES).format(f=f),
+                            snippet=f"from __PKG__ import {fn}\n\nprint({fn}(...))\n",
+                            expected="the documented result", actual="a different value")
+                        out.append((template, site))
+    return out
+
+
+def synthetic_site_files(template: Any, site: Any, rng: random.Random, idx: int) -> SiteFiles:
+    from agent.toy import render_task_files
+    from agent.toy.generate import VERSION
+    from agent.toy.issues import issue_text
+
+    package = rng.choice(template.packages)
+    rendered = render_task_files(template, site, package)
+    files: dict[str, str] = {}
+    for commit in rendered["commits"]:
+        files.update(commit)
+    level = rng.choice((1, 2))
+    issue = issue_text(site, context=template.context, package=package, version=VERSION, level=level, rng=rng)
+    buggy_file = f"{package}/{site.module}"
+    old, new = site.buggy.rstrip("\n"), site.fixed.rstrip("\n")
+    return SiteFiles(files, buggy_file, site.function, site.function, old, new, issue, level, f"synthetic-{idx:05d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording episodes token-exact through the scaffold.
+
+
+@dataclass
+class Sample:
+    """One pre-training episode: token ids and which of them carry loss (the model's turns)."""
+
+    ids: list[int]
+    loss_mask: list[int]
+    move: str
+    task_id: str
+    turns: int
+
+
+class _Script:
+    """A sampler answering each turn with the next text of a plan (ids + the end-of-turn token)."""
+
+    def __init__(self, codec: Any, turns: list[str], end_id: int) -> None:
+        self.encoded = [list(codec.encode(t)) + [end_id] for t in turns]
+        self.turn = 0
+
+    async def complete(self, prompt_ids: list[int], *, max_tokens: int, stop: Sequence[str],
+                       stop_token_ids: Sequence[int]) -> Any:
+        from agent.fakes import TurnReply
+
+        ids = self.encoded[min(self.turn, len(self.encoded) - 1)]
+        self.turn += 1
+        return TurnReply(list(ids), [0.0] * len(ids))
+
+
+async def _record(site: SiteFiles, turns: list[str], tokenizer: Any, chat: Any, codec: Any, root: Path) -> Any:
+    """Run `turns` as an episode on a scratch copy of `site`'s files; returns the trajectory."""
+    from agent.workspace import LocalWorkspace
+    from runtime.records import Task
+
+    from agent.scaffold import EpisodeConfig, build_prompt_ids, run_episode
+
+    for path, text in site.files.items():
+        p = root / path
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    task = Task(id=site.task_id, repo=str(root), base_commit="0" * 40, problem_statement=site.issue, image="host",
+                test_patch="", FAIL_TO_PASS=["t::t"], PASS_TO_PASS=[], test_command="true", log_parser="pytest")
+    workspace = LocalWorkspace(root)
+
+    async def no_diff(base_commit: str) -> str:
+        return ""
+
+    sampler = _Script(codec, turns, chat.stop_token_ids[0])
+    # The prompt names the sandbox's /testbed, as in real rollouts, not this scratch directory.
+    prompt_ids = build_prompt_ids(tokenizer, task, "/testbed")
+    traj = await run_episode(task, workspace, sampler, tokenizer, chat, EpisodeConfig(max_turns=len(turns)),
+                             episode_id=site.task_id, group_id=site.task_id, diff=no_diff, codec=codec,
+                             prompt_ids=prompt_ids)
+    shutil.rmtree(root)
+    return traj
+
+
+def _sample(traj: Any, move: str) -> Sample:
+    ids, mask = list(traj.prompt_ids), [0] * len(traj.prompt_ids)
+    for turn in traj.turns:
+        ids += turn.action_ids
+        mask += [1] * len(turn.action_ids)
+        ids += turn.observation_ids
+        mask += [0] * len(turn.observation_ids)
+    return Sample(ids, mask, move, traj.task_id, len(traj.turns))
+
+
+def generate_data(sites: Sequence[SiteFiles], tokenizer: Any, *, episodes_per_site: int, seed: int,
+                  mix: Mix = MIX, concurrency: int = 8) -> list[Sample]:
+    """`episodes_per_site` mixture episodes of every site, recorded through the scaffold.
+
+    Deterministic for (sites, tokenizer, episodes_per_site, seed, mix): plans come from per-episode
+    seeded generators and every tool is deterministic (grep over one matching file, str_replace).
+    """
+    import trio
+
+    from agent.scaffold import ChatFormat
+    from agent.scaffold.chat import TextCodec
+
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    codec = TextCodec(tokenizer)
+    jobs = []
+    for s_i, site in enumerate(sites):
+        for e in range(episodes_per_site):
+            rng = random.Random(f"tiny-policy:{seed}:{site.task_id}:{e}")
+            turns, move = plan_episode(site, rng, mix)
+            jobs.append((s_i * episodes_per_site + e, site, turns, move))
+    out: list[Sample | None] = [None] * len(jobs)
+
+    async def main() -> None:
+        limiter = trio.CapacityLimiter(concurrency)
+        with tempfile.TemporaryDirectory(prefix="tiny-policy-data-") as tmp:
+            async def one(k: int, site: SiteFiles, turns: list[str], move: str) -> None:
+                async with limiter:
+                    traj = await _record(site, turns, tokenizer, chat, codec, Path(tmp, str(k)))
+                    out[k] = _sample(traj, move)
+
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(one, *job)
+
+    trio.run(main)
+    return [s for s in out if s is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised pre-training (SFT on the model's turns).
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 600  # optimizer steps
+    batch_tokens: int = 8192  # tokens per step (episodes packed by length, padded within a batch)
+    lr: float = 3e-3  # AdamW peak learning rate
+    warmup_steps: int = 40  # linear warmup, then cosine decay to 10% of lr
+    weight_decay: float = 0.01
+    clip: float = 1.0  # gradient norm clip
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
+
+
+def _batches(samples: Sequence[Sample], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Indexes of `samples` grouped into batches of about `batch_tokens` (padded) tokens, shuffled."""
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].ids), rng.random()))
+    batches, cur, longest = [], [], 0
+    for i in order:
+        n = len(samples[i].ids)
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def common_prefix(samples: Sequence[Sample]) -> int:
+    """Tokens every sample starts with (the system prompt and the task prompt's opening)."""
+    first = samples[0].ids
+    n = min(len(s.ids) for s in samples) - 1
+    for s in samples[1:]:
+        k = 0
+        while k < n and s.ids[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
+
+
+def hidden_states(model: Any, ids: Any, attn: Any, prefix: int) -> Any:
+    """Last hidden states (B, T, H) of right-padded `ids`, whose first `prefix` tokens are the same in
+    every row: that prefix goes through the model once and its KV is shared (a third of an episode
+    is the system prompt), instead of once per row. Equal to a plain forward to float rounding."""
+    import torch
+    from transformers import DynamicCache
+
+    if prefix <= 0:
+        return model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    rows, width = ids.shape
+    head = model.model(input_ids=ids[:1, :prefix], use_cache=True)
+    kv = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+          for layer in head.past_key_values.layers]
+    cache = DynamicCache(ddp_cache_data=kv, config=model.config)
+    position_ids = torch.arange(prefix, width)[None, :].expand(rows, -1)  # (B, T - prefix)
+    tail = model.model(input_ids=ids[:, prefix:], attention_mask=attn, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail], dim=1)
+
+
+def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfig(), *,
+             log: Any = None) -> dict[str, float]:
+    """SFT of `model` on `samples` (loss on action tokens, mean over them). Returns loss figures."""
+    import torch
+
+    if not samples:
+        raise ValueError("pretrain: no samples")
+    rng = random.Random(f"tiny-policy-sft:{config.seed}")
+    torch.manual_seed(config.seed)
+    pad = 0
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    prefix = common_prefix(samples)
+    queue: list[list[int]] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(config.steps):
+        if not queue:
+            queue = _batches(samples, config.batch_tokens, rng)
+        batch = [samples[i] for i in queue.pop()]
+        width = max(len(s.ids) for s in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(batch), width), dtype=torch.float32)  # (B, T): 1 on action tokens
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, s in enumerate(batch):
+            ids[r, :len(s.ids)] = torch.tensor(s.ids)
+            mask[r, :len(s.ids)] = torch.tensor(s.loss_mask, dtype=torch.float32)
+            attn[r, :len(s.ids)] = 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        # The LM head only where the loss is (action tokens: ~13% of an episode), not over [B, T, V].
+        hidden = hidden_states(model, ids, attn, prefix)[:, :-1]  # (B, T-1, H)
+        where = mask[:, 1:] > 0  # (B, T-1): position t predicts token t+1, an action token
+        logits = model.lm_head(hidden[where])  # (N, V)
+        loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][where])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        opt.step()
+        losses.append(loss.item())
+        if log is not None and (step % 25 == 0 or step == config.steps - 1):
+            recent = losses[-25:]
+            log(f"sft step {step + 1}/{config.steps} loss {sum(recent) / len(recent):.4f} "
+                f"lr {lr_at(step):.2e} {time.perf_counter() - t0:.0f}s")
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"shared_prefix_tokens": float(prefix), "loss/first": losses[0], "loss/final": sum(tail) / len(tail), "sft_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The check: rollouts of a checkpoint with the embedded policy server and real sandboxes.
+
+
+@dataclass(frozen=True)
+class TinyEpisode:
+    """The episode limits the tiny policy is trained for (its episodes take 3-4 turns)."""
+
+    max_turns: int = 6
+    max_context_tokens: int = 2048
+    max_turn_tokens: int = 256
+
+    def episode_config(self) -> Any:
+        from agent.scaffold import EpisodeConfig
+
+        return EpisodeConfig(max_turns=self.max_turns, max_context_tokens=self.max_context_tokens,
+                             max_turn_tokens=self.max_turn_tokens, bash_timeout_s=30.0, wall_time_s=300.0)
+
+
+def summarize(groups: Sequence[Sequence[Any]], wall_s: float, sampled_tokens: int) -> dict[str, float]:
+    """Solve rate, pass@G, format errors, turns, tokens and speed of graded rollout groups."""
+    trajs = [r.trajectory for g in groups for r in g]
+    if not trajs:
+        raise ValueError("summarize: no rollouts")
+    turns = sum(len(t.turns) for t in trajs)
+    return {
+        "episodes": float(len(trajs)),
+        "tasks": float(len(groups)),
+        "solve_rate": sum(bool(t.resolved) for t in trajs) / len(trajs),
+        "pass_at_group": sum(any(bool(r.trajectory.resolved) for r in g) for g in groups) / len(groups),
+        "mixed_groups": sum(len({bool(r.trajectory.resolved) for r in g}) == 2 for g in groups) / len(groups),
+        "format_error_rate": sum(t.metrics.get("format_errors", 0.0) for t in trajs) / max(1, turns),
+        "mean_turns": turns / len(trajs),
+        "mean_tokens": statistics.mean(t.metrics.get("tokens", 0.0) for t in trajs),
+        "mean_action_tokens": statistics.mean(sum(len(u.action_ids) for u in t.turns) for t in trajs),
+        "submitted": sum(t.finish_reason == "submitted" for t in trajs) / len(trajs),
+        "errors": float(sum(t.finish_reason == "error" for t in trajs)),
+        "wall_s": wall_s,
+        "episodes_per_min": len(trajs) / wall_s * 60,
+        "sampled_tokens_per_s": sampled_tokens / wall_s,
+    }
+
+
+async def evaluate_policy(model: Any, tokenizer: Any, tasks: Sequence[Any], *, group: int = 4,
+                          temperature: float = 1.0, seed: int = 0, node: Any = None, episode: TinyEpisode = TinyEpisode(),
+                          max_num_seqs: int = 32, max_episodes: int = 32) -> tuple[dict[str, float], list[list[Any]]]:
+    """G rollouts of every task with `model` behind the embedded policy server, graded SWE-bench style.
+
+    `node`: a sandboxd client (`sandboxd.client.open_local("ns")` or `connect(...)`); None opens an
+    in-process ns runtime for the call. Returns (`summarize` figures, the `RolloutResult` groups).
+    """
+    import trio
+
+    from agent.grading import grade
+    from agent.llm import LLMClient
+    from agent.scheduler import Scheduler, SchedulerConfig
+    from learner.serve import ServeConfig, open_policy_server
+
+    if node is None:
+        from sandboxd.client import open_local
+
+        async with open_local("ns") as local:
+            return await evaluate_policy(model, tokenizer, tasks, group=group, temperature=temperature, seed=seed,
+                                         node=local, episode=episode, max_num_seqs=max_num_seqs,
+                                         max_episodes=max_episodes)
+    config = ServeConfig(max_num_seqs=max_num_seqs, seed=seed, max_model_len=episode.max_context_tokens)
+    async with open_policy_server(model, tokenizer, config) as server:
+        async with LLMClient(["http://embedded"], model="policy", transport=server.transport(),
+                             temperature=temperature, timeout_s=600.0) as llm:
+            sched = Scheduler([node], llm, tokenizer, grade,
+                              SchedulerConfig(max_episodes=max_episodes, node_capacity=max_episodes,
+                                              grade_timeout_s=120.0, episode=episode.episode_config()))
+            tokens0 = server.stats.tokens
+            t0 = time.perf_counter()
+            groups = await sched.run_groups([(t, group, f"eval/{t.id}") for t in tasks])
+            wall = time.perf_counter() - t0
+            sampled = server.stats.tokens - tokens0
+    return summarize(groups, wall, sampled), groups
