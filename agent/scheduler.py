@@ -6,8 +6,10 @@ snapshot (G rollouts share one image's layers), runs the episode, restores the s
 (milliseconds) and grades the model's patch in it, then destroys it.
 
 Bounds: sandboxes per node (`node_capacity`), episodes in flight overall (`max_episodes`), and the
-sampler's own per-endpoint in-flight limit. Each episode has turn, token and wall-time limits
-(`EpisodeConfig`). A lost sandbox node or a dead endpoint requeues the episode from its start, on
+sampler's own per-endpoint in-flight limit. An episode is assigned its endpoint once it has its
+sandbox, and releases it (`release_endpoint`, when the policy has one) when it stops sampling, so the
+policy's count of episodes per endpoint, by which it spreads new ones, is of those sampling. Each episode has turn, token and wall-time
+limits (`EpisodeConfig`). A lost sandbox node or a dead endpoint requeues the episode from its start, on
 another node or endpoint, up to `max_attempts`; after that the episode finishes with `error`. Every
 requested episode yields exactly one trajectory: none lost, none duplicated.
 """
@@ -15,9 +17,11 @@ requested episode yields exactly one trajectory: none lost, none duplicated.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,13 +34,17 @@ from .llm.errors import BadResponse, EndpointDown, RequestTimeout
 from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompt_ids, run_episode
 from .scaffold.chat import TextCodec
 
-__all__ = ["Grader", "NodeLost", "Policy", "RolloutResult", "Scheduler", "SchedulerConfig"]
+__all__ = ["Grader", "NodeLost", "Policy", "RolloutResult", "Scheduler", "SchedulerConfig", "relaxed_gc", "task_workdir"]
 
 log = logging.getLogger("swe_dapo.scheduler")
 
 
 class Policy(Protocol):
-    """Where turns are sampled: endpoint assignment (episodes stick to one) and a sampler per endpoint."""
+    """Where turns are sampled: endpoint assignment (episodes stick to one) and a sampler per endpoint.
+
+    A policy may also have ``release_endpoint(endpoint)`` (`agent.llm.LLMClient` has): the scheduler
+    calls it once for every `assign_endpoint`, when that episode (or attempt of it) stops sampling.
+    """
 
     def assign_endpoint(self) -> str: ...
     def sampler(self, endpoint: str) -> Sampler: ...
@@ -58,8 +66,11 @@ class SchedulerConfig:
     max_attempts: int = 3  # an episode lost to infrastructure is retried this many times in all
     grade_timeout_s: float = 900.0
     setup_timeout_s: float = 600.0  # create + snapshot of a task's environment
-    episode_workdir: str = "/testbed"  # where the repository is inside a sandbox
+    episode_workdir: str = "/testbed"  # where the repository is in a sandbox, unless the task says (task_workdir)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    # CPython's youngest-generation GC threshold while rollouts run (0: leave the process's alone). See
+    # `relaxed_gc`: at the default (700) collections took ~40% of the CPU of bench/scheduler.py (c).
+    gc_threshold: int = 100_000
 
 
 @dataclass
@@ -107,6 +118,45 @@ def task_checkout(task: Task) -> str | None:
     return task.repo if task.repo.startswith("/") else None
 
 
+def task_workdir(task: Task, default: str = "/testbed") -> str:
+    """Where the task's repository is in its sandbox: ``metadata["harness"]["workdir"]`` when the task
+    carries one (SWE-rebench-V2 images hold the repository at ``/<repo name>``), else `default`."""
+    harness = task.metadata.get("harness") if task.metadata else None
+    workdir = harness.get("workdir") if isinstance(harness, dict) else None
+    return workdir if isinstance(workdir, str) and workdir.startswith("/") else default
+
+
+_gc_holders = 0  # rollouts inside `relaxed_gc`, over every scheduler of the process
+_gc_saved: tuple[int, int, int] = gc.get_threshold()
+
+
+@contextmanager
+def relaxed_gc(threshold: int) -> Iterator[None]:
+    """CPython's youngest-generation GC threshold raised to `threshold` while the block runs.
+
+    Thousands of episodes in flight keep 10^5-10^6 container objects alive (token lists, turns,
+    coroutine frames), and at the default threshold (a collection per 700 net allocations) the
+    collector keeps promoting them and then scanning them all in full collections: in
+    bench/scheduler.py (c), 4,096 episodes x 20 turns, ~740 collections took ~40% of the run's CPU.
+    Reference cycles are still collected, only less often. Concurrent and nested blocks share the
+    setting; the last one to end restores the process's own. `threshold` <= 0: no change.
+    """
+    global _gc_holders, _gc_saved
+    if threshold <= 0:
+        yield
+        return
+    if _gc_holders == 0:
+        _gc_saved = gc.get_threshold()
+        gc.set_threshold(max(threshold, _gc_saved[0]), *_gc_saved[1:])
+    _gc_holders += 1
+    try:
+        yield
+    finally:
+        _gc_holders -= 1
+        if _gc_holders == 0:
+            gc.set_threshold(*_gc_saved)
+
+
 def execution_reward(task: Task, trajectory: Trajectory, report: Any) -> float:
     return 1.0 if report is not None and getattr(report, "resolved", False) else 0.0
 
@@ -137,7 +187,8 @@ class Scheduler:
         self.reward_fn = reward_fn
         self.on_result = on_result
         self.codec = TextCodec(tokenizer)
-        self._prompts: dict[str, list[int]] = {}  # task id -> rendered prompt (shared by its rollouts)
+        self._prompts: dict[str, list[int]] = {}  # task id + workdir -> rendered prompt (shared by its rollouts)
+        self._release = getattr(policy, "release_endpoint", None)
         self.episode_limiter = trio.CapacityLimiter(config.max_episodes)
         self.counters: dict[str, int] = {"started": 0, "finished": 0, "retried": 0, "errors": 0, "resolved": 0,
                                          "running": 0}
@@ -162,7 +213,8 @@ class Scheduler:
             snap = node.snapshots.get(task.id)
             if snap is None:
                 with trio.fail_after(self.config.setup_timeout_s):
-                    sandbox = await node.client.create(task.image, repo=task_checkout(task))
+                    sandbox = await node.client.create(task.image, repo=task_checkout(task),
+                                                       workdir=task_workdir(task, self.config.episode_workdir))
                     try:
                         snap = await sandbox.snapshot()
                     finally:
@@ -188,17 +240,14 @@ class Scheduler:
 
     # -- one rollout ------------------------------------------------------------------------------
 
-    async def _attempt(self, node: _Node, task: Task, endpoint: str, episode_id: str, group_id: str,
+    async def _attempt(self, node: _Node, task: Task, episode_id: str, group_id: str,
                        policy_version: int) -> RolloutResult:
         snap = await self._environment(node, task)
         try:
             async with node.limiter:
-                sandbox = await node.client.fork(snap)
+                sandbox = await node.client.fork(snap, workdir=task_workdir(task, self.config.episode_workdir))
                 async with sandbox:
-                    trajectory = await run_episode(
-                        task, sandbox, self.policy.sampler(endpoint), self.tokenizer, self.chat, self.config.episode,
-                        episode_id=episode_id, group_id=group_id, policy_version=policy_version, endpoint=endpoint,
-                        prompt_ids=self._prompt(task, sandbox.workdir), codec=self.codec)
+                    trajectory = await self._episode(task, sandbox, episode_id, group_id, policy_version)
                     report = None
                     if trajectory.patch.strip():
                         await sandbox.restore(snap)  # a fresh checkout for grading, in milliseconds
@@ -211,49 +260,34 @@ class Scheduler:
         trajectory = dataclasses.replace(trajectory, reward=reward, resolved=resolved if report is not None else False)
         return RolloutResult(trajectory, grade, 0)
 
+    async def _episode(self, task: Task, sandbox: Any, episode_id: str, group_id: str,
+                       policy_version: int) -> Trajectory:
+        """The episode on an endpoint assigned for it (EndpointDown when every endpoint is drained),
+        released when it ends: the policy counts only episodes that are sampling."""
+        endpoint = self.policy.assign_endpoint()
+        try:
+            return await run_episode(
+                task, sandbox, self.policy.sampler(endpoint), self.tokenizer, self.chat, self.config.episode,
+                episode_id=episode_id, group_id=group_id, policy_version=policy_version, endpoint=endpoint,
+                prompt_ids=self._prompt(task, sandbox.workdir), codec=self.codec)
+        except Exception as exc:
+            if _is_endpoint_error(exc):
+                self.policy.report_failure(endpoint, exc)
+            raise
+        finally:
+            if self._release is not None:
+                self._release(endpoint)
+
     async def rollout(self, task: Task, *, episode_id: str, group_id: str, policy_version: int = 0) -> RolloutResult:
         """One episode of `task`, graded; retried from its start on infrastructure failures."""
-        excluded_nodes: set[str] = set()
-        last_exc: BaseException | None = None
-        async with self.episode_limiter:
-            self.counters["started"] += 1
-            self.counters["running"] += 1
-            try:
-                for attempt in range(1, self.config.max_attempts + 1):
-                    node = self._pick_node(excluded_nodes)
-                    endpoint = self.policy.assign_endpoint()
-                    try:
-                        result = await self._attempt(node, task, endpoint, episode_id, group_id, policy_version)
-                        node.healthy = True
-                        result.attempts = attempt
-                        break
-                    except Exception as exc:
-                        if not _is_infrastructure_error(exc):
-                            # A bug, not an outage: retrying will not help, and raising would take the
-                            # other episodes of the batch down with this one. Keep it as data.
-                            log.exception("episode %s failed", episode_id)
-                            self.counters["errors"] += 1
-                            result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
-                                                   None, attempt, f"{type(exc).__name__}: {exc}")
-                            break
-                        last_exc = exc
-                        self.counters["retried"] += 1
-                        if _is_endpoint_error(exc):
-                            self.policy.report_failure(endpoint, exc)
-                        else:
-                            self._node_failed(node, exc)
-                            node.healthy = False
-                            excluded_nodes.add(node.name)
-                            if len(excluded_nodes) == len(self.nodes):
-                                excluded_nodes.clear()
-                        log.info("episode %s attempt %d failed (%s: %s); requeued", episode_id, attempt,
-                                 type(exc).__name__, exc)
-                else:
-                    self.counters["errors"] += 1
-                    result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
-                                           None, self.config.max_attempts, f"{type(last_exc).__name__}: {last_exc}")
-            finally:
-                self.counters["running"] -= 1
+        with relaxed_gc(self.config.gc_threshold):
+            async with self.episode_limiter:
+                self.counters["started"] += 1
+                self.counters["running"] += 1
+                try:
+                    result = await self._attempts(task, episode_id, group_id, policy_version)
+                finally:
+                    self.counters["running"] -= 1
         self.counters["finished"] += 1
         self.counters["resolved"] += bool(result.trajectory.resolved)
         if self.on_result is not None:
@@ -261,6 +295,38 @@ class Scheduler:
             if maybe is not None:
                 await maybe
         return result
+
+    async def _attempts(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> RolloutResult:
+        excluded_nodes: set[str] = set()
+        last_exc: BaseException | None = None
+        for attempt in range(1, self.config.max_attempts + 1):
+            node = self._pick_node(excluded_nodes)
+            try:
+                result = await self._attempt(node, task, episode_id, group_id, policy_version)
+                node.healthy = True
+                result.attempts = attempt
+                return result
+            except Exception as exc:
+                if not _is_infrastructure_error(exc):
+                    # A bug, not an outage: retrying will not help, and raising would take the
+                    # other episodes of the batch down with this one. Keep it as data.
+                    log.exception("episode %s failed", episode_id)
+                    self.counters["errors"] += 1
+                    return RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
+                                         None, attempt, f"{type(exc).__name__}: {exc}")
+                last_exc = exc
+                self.counters["retried"] += 1
+                if not _is_endpoint_error(exc):
+                    self._node_failed(node, exc)
+                    node.healthy = False
+                    excluded_nodes.add(node.name)
+                    if len(excluded_nodes) == len(self.nodes):
+                        excluded_nodes.clear()
+                log.info("episode %s attempt %d failed (%s: %s); requeued", episode_id, attempt,
+                         type(exc).__name__, exc)
+        self.counters["errors"] += 1
+        return RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
+                             None, self.config.max_attempts, f"{type(last_exc).__name__}: {last_exc}")
 
     def _prompt(self, task: Task, workdir: str) -> list[int]:
         key = f"{task.id}\0{workdir}"
@@ -273,7 +339,7 @@ class Scheduler:
 
     def _error_trajectory(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> Trajectory:
         return Trajectory(episode_id=episode_id, task_id=task.id, group_id=group_id,
-                          prompt_ids=self._prompt(task, self.config.episode_workdir), turns=[], reward=0.0,
+                          prompt_ids=self._prompt(task, task_workdir(task, self.config.episode_workdir)), turns=[], reward=0.0,
                           finish_reason=FinishReason.ERROR, policy_version=policy_version,
                           metrics={"error": 1.0}, patch="", resolved=None)
 

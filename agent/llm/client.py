@@ -289,8 +289,10 @@ class LLMClient:
             self._drain(ep)
 
     def _drain(self, ep: _Endpoint) -> None:
+        # `episodes` is left as it is: the episodes on it fail over and release it (the scheduler
+        # releases every endpoint it was assigned), and one that was in a tool call all along may
+        # find it back and stay.
         ep.up = False
-        ep.episodes = 0
         ep.stats["drains"] += 1
         ep.next_probe = trio.current_time() + self.probe_interval_s
         for scope in list(ep.scopes):

@@ -9,6 +9,7 @@ template works (ChatML/Qwen, Llama, ...), not only the one this code was written
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,13 +85,40 @@ class TextCodec:
 
     A Hugging Face fast tokenizer's Python wrapper costs ~80 us per call; its Rust backend gives the
     same ids in a few. Turns encode and decode once each, thousands of times a second.
+
+    `encode` remembers the ids of recent texts (up to `cache_chars` characters of text in all, oldest
+    forgotten first): observations repeat across an episode's turns and across the G rollouts of one
+    task (the same file viewed, the same test output, the same corrective message), and a long
+    observation costs milliseconds to encode. Every call returns a new list.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, cache_chars: int = 1 << 24) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
-            self.encode = lambda text: backend.encode(text, add_special_tokens=False).ids
+            self._encode = lambda text: backend.encode(text, add_special_tokens=False).ids
             self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
         else:
-            self.encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
+            self._encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
             self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.cache_chars = cache_chars
+        self._cache: dict[str, array] = {}  # text -> ids (int32), in insertion order
+        self._cached_chars = 0
+        self.hits = 0
+        self.misses = 0
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is not None:
+            self.hits += 1
+            return ids.tolist()
+        self.misses += 1
+        out = self._encode(text)
+        if len(text) <= self.cache_chars:
+            cache = self._cache
+            self._cached_chars += len(text)
+            while self._cached_chars > self.cache_chars:
+                oldest = next(iter(cache))
+                del cache[oldest]
+                self._cached_chars -= len(oldest)
+            cache[text] = array("i", out)
+        return out

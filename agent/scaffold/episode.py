@@ -124,40 +124,42 @@ async def run_episode(
     finish = FinishReason.MAX_TURNS
     counts = {"format_errors": 0, "tool_failures": 0}
 
+    perf_counter = time.perf_counter
+    stop_token_ids = chat.stop_token_ids
     with trio.move_on_after(config.wall_time_s) as budget:
         for _ in range(config.max_turns):
             room = config.max_context_tokens - len(context)
             if room < config.min_turn_tokens:
                 finish = FinishReason.CONTEXT_OVERFLOW
                 break
-            t0 = time.perf_counter()
+            t0 = perf_counter()
             try:
                 completion = await sampler.complete(
                     context, max_tokens=min(config.max_turn_tokens, room), stop=STOP_SEQUENCES,
-                    stop_token_ids=chat.stop_token_ids,
+                    stop_token_ids=stop_token_ids,
                 )
             except ContextOverflow:  # the server's context is shorter than the configured one
                 finish = FinishReason.CONTEXT_OVERFLOW
                 break
-            llm_s = time.perf_counter() - t0
-            action_ids = list(completion.token_ids)
+            t1 = perf_counter()
+            action_ids = completion.token_ids  # `Turn` keeps its own copy
             context += action_ids
             text = codec.decode(action_ids)
-            t0 = time.perf_counter()
+            t2 = perf_counter()
             observation, tool, format_error, submitted, failed = await _tool_observation(tools, text)
-            tool_s = time.perf_counter() - t0
+            t3 = perf_counter()
             counts["format_errors"] += format_error
             counts["tool_failures"] += failed
             observation_ids: list[int] = []
             if not submitted:
-                turn_closed = bool(action_ids) and action_ids[-1] in chat.stop_token_ids
+                turn_closed = bool(action_ids) and action_ids[-1] in stop_token_ids
                 observation_ids = codec.encode(chat.observation_text(observation, turn_closed=turn_closed))
             overflow = len(context) + len(observation_ids) > config.max_context_tokens
             if overflow:
                 observation_ids = []  # the model never sees it: nothing to keep
-            turns.append(Turn(action_ids=action_ids, action_logprobs=list(completion.logprobs),
+            turns.append(Turn(action_ids=action_ids, action_logprobs=completion.logprobs,
                               observation_ids=observation_ids, tool=tool, format_error=format_error,
-                              llm_s=llm_s, tool_s=tool_s))
+                              llm_s=t1 - t0, tool_s=t3 - t2))
             context += observation_ids
             if submitted:
                 finish = FinishReason.SUBMITTED

@@ -120,8 +120,9 @@ def _parse_function(match: re.Match[str]) -> ToolCall:
         if key in arguments:
             raise FormatError(f"Parameter {key!r} is given twice.")
         arguments[key] = _strip_one_newline(param.group(2))
-    leftover = _PARAM.sub("", body).strip()
-    if "<parameter=" in leftover:
+    # Every complete parameter holds at least one "<parameter=": as many in all means none is left
+    # open (the common case, without a second pass over the body).
+    if body.count("<parameter=") != len(arguments) and "<parameter=" in _PARAM.sub("", body):
         raise FormatError("A <parameter=...> tag is not closed with </parameter>.")
     return _check(name, arguments, "function")
 

@@ -51,6 +51,8 @@ class Tools:
     async def run(self, call: ToolCall) -> ToolResult:
         handler = getattr(self, f"_{call.name}")
         result: ToolResult = await handler(**call.arguments)
+        if len(result.observation) <= self.max_observation_chars:
+            return result
         return ToolResult(cap_text(result.observation, self.max_observation_chars), result.submitted, result.failed)
 
     async def _read_text(self, path: str) -> str | None:

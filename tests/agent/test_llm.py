@@ -163,7 +163,27 @@ async def test_a_dead_endpoint_is_drained_then_readmitted(autojump_clock):
         assert (await llm.complete(PROMPT, max_tokens=4, endpoint=A)).endpoint == A
         stats = llm.stats()[A]
         assert (stats["drains"], stats["readmits"], stats["up"]) == (1, 1, True)
-        assert llm.assign_endpoint() == A  # its episodes were reset: it is the least loaded
+        assert llm.assign_endpoint() == A  # no episode is on it: it is the least loaded
+
+
+async def test_episode_counts_survive_a_drain(autojump_clock):
+    fakes = {A: FakeLLM(), B: FakeLLM()}
+    async with client_for(fakes, failures_to_drain=1, retries=0, probe_interval_s=10.0) as llm:
+        on_a = [llm.assign_endpoint() for _ in range(4)]  # A, B, A, B
+        assert on_a.count(A) == 2
+        fakes[A].down = True
+        with pytest.raises(EndpointDown):
+            await llm.complete(PROMPT, max_tokens=4, endpoint=A)
+        assert llm.healthy_endpoints() == [B]
+        llm.release_endpoint(A)  # one of A's episodes fails over; the other is in a long tool call
+        fakes[A].down = False
+        await trio.sleep(15.0)  # probed: back
+        assert llm.healthy_endpoints() == [A, B]
+        # A still carries the episode that never left it: the count says so, and the release of the
+        # episode that left does not take a new episode's place.
+        assert llm.stats()[A]["episodes"] == 1 and llm.stats()[B]["episodes"] == 2
+        assert llm.assign_endpoint() == A
+        assert llm.stats()[A]["episodes"] == 2
 
 
 async def test_no_healthy_endpoint(autojump_clock):

@@ -17,6 +17,7 @@ from agent.scaffold import (
     parse_tool_call,
     run_episode,
 )
+from agent.scaffold.chat import TextCodec
 from agent.workspace import LocalWorkspace
 from runtime.records import FinishReason, Task, Trajectory
 
@@ -63,6 +64,29 @@ def test_int_parameters_are_converted():
 def test_malformed_calls_explain_themselves(text, message):
     with pytest.raises(FormatError, match=message):
         parse_tool_call(text)
+
+
+def test_unclosed_parameter_is_a_format_error_even_after_complete_ones():
+    text = "<function=bash><parameter=command>ls</parameter><parameter=command>pwd</function>"
+    with pytest.raises(FormatError, match="not closed"):
+        parse_tool_call(text)
+    ok = parse_tool_call("<function=bash><parameter=command>echo '<parameter=x>'</parameter></function>")
+    assert ok.arguments == {"command": "echo '<parameter=x>'"}
+
+
+def test_codec_cache_gives_the_tokenizers_ids_and_stays_bounded(tiny_tokenizer):
+    codec = TextCodec(tiny_tokenizer, cache_chars=40)
+    text = "ok\n[exit code 1]"
+    first = codec.encode(text)
+    assert first == tiny_tokenizer.encode(text, add_special_tokens=False)
+    first.append(0)  # the caller owns what it gets
+    assert codec.encode(text) == tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert (codec.hits, codec.misses) == (1, 1)
+    for i in range(10):
+        codec.encode(f"line {i} of some output")  # 22 characters each: the oldest are forgotten
+    assert sum(map(len, codec._cache)) <= 40 and text not in codec._cache
+    codec.encode("x" * 41)  # longer than the whole cache: not kept
+    assert "x" * 41 not in codec._cache
 
 
 # --- tools -----------------------------------------------------------------------------------------

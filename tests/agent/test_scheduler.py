@@ -3,15 +3,17 @@ duplicated; and one end-to-end run on real ns sandboxes."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import os
 from dataclasses import dataclass
 
 import pytest
 import trio
 
-from agent.fakes import FakeNode, ScriptedPolicy
+from agent.fakes import FakeNode, ScriptedPolicy, fake_latency
 from agent.scaffold import EpisodeConfig
-from agent.scheduler import Scheduler, SchedulerConfig
+from agent.scheduler import Scheduler, SchedulerConfig, relaxed_gc
 from runtime.records import FinishReason, Task
 
 FIX = [
@@ -92,6 +94,81 @@ async def test_a_bug_in_one_episode_does_not_take_the_batch_down(tiny_tokenizer)
     assert [r.trajectory.finish_reason for r in groups[1]] == [FinishReason.ERROR] * 2
     assert "KeyError" in groups[1][0].error
     assert all(r.trajectory.resolved for i in (0, 2) for r in groups[i])
+
+
+async def test_every_assigned_endpoint_is_released(tiny_tokenizer, autojump_clock):
+    # Endpoint failures requeue episodes: each attempt's endpoint is released, the failed ones too.
+    policy = ScriptedPolicy(tiny_tokenizer, FIX, endpoints=["e0", "e1"], failure_rate=0.2, latency_s=0.05, seed=3)
+    peak = {"e0": 0, "e1": 0}
+
+    async def watching_grader(task, patch, workspace, *, timeout_s):
+        for endpoint, n in policy.episodes.items():
+            peak[endpoint] = max(peak[endpoint], n)
+        return Report("+    return a + b" in patch)
+
+    sched = Scheduler([FakeNode("n0")], policy, tiny_tokenizer, watching_grader,
+                      SchedulerConfig(node_capacity=8, max_attempts=8))
+    await sched.run_groups([(task(i), 4, f"g{i}") for i in range(10)])
+    assert sched.counters["retried"] > 0 and sum(policy.failures.values()) > 0
+    assert policy.episodes == {"e0": 0, "e1": 0}
+    assert 0 < max(peak.values()) <= 8  # never more than the episodes in flight
+
+
+async def test_the_tasks_harness_workdir_is_the_sandbox_workdir(tiny_tokenizer):
+    node = FakeNode("n0")
+    workdirs = []
+
+    async def grader(task, patch, workspace, *, timeout_s):
+        workdirs.append(workspace.workdir)
+        return Report(True)
+
+    rebench = dataclasses.replace(task(1), metadata={"harness": {"dataset": "swerebench-v2", "workdir": "/calc"}})
+    sched = Scheduler([node], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, grader)
+    [[plain], [moved]] = await sched.run_groups([(task(0), 1, "g0"), (rebench, 1, "g1")])
+    assert sorted(workdirs) == ["/calc", "/testbed"]
+    prompt = tiny_tokenizer.decode(moved.trajectory.prompt_ids)
+    assert "/calc" in prompt and "/testbed" not in prompt  # the model is told where the repository is
+    assert "/testbed" in tiny_tokenizer.decode(plain.trajectory.prompt_ids)
+
+
+async def test_gc_is_relaxed_while_rollouts_run_and_restored_after(tiny_tokenizer):
+    before = gc.get_threshold()
+    seen = []
+
+    async def grader(task, patch, workspace, *, timeout_s):
+        seen.append(gc.get_threshold()[0])
+        return Report(True)
+
+    sched = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, grader,
+                      SchedulerConfig(gc_threshold=123_456))
+    await sched.run_groups([(task(i), 2, f"g{i}") for i in range(3)])
+    assert seen == [max(123_456, before[0])] * 6 and gc.get_threshold() == before
+    off = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, grader,
+                    SchedulerConfig(gc_threshold=0))
+    await off.run_group(task(0), 1, group_id="g")
+    assert seen[-1] == before[0]
+    with relaxed_gc(200_000):  # nested: the outer block's setting holds until it ends
+        with relaxed_gc(150_000):
+            pass
+        assert gc.get_threshold()[0] == max(200_000, before[0])
+    assert gc.get_threshold() == before
+
+
+async def test_fake_latency_wakes_each_sleeper_at_its_time(autojump_clock):
+    woke: list[tuple[str, float]] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await fake_latency(seconds)
+        woke.append((name, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        for name, seconds in (("c", 3.0), ("a", 1.0), ("b", 2.0), ("z", 0.0)):
+            nursery.start_soon(sleeper, name, seconds)
+        with trio.move_on_after(1.5):  # a cancelled sleeper leaves, and the others still wake
+            await fake_latency(10.0)
+        await trio.sleep(0.25)
+        nursery.start_soon(sleeper, "d", 0.5)  # an earlier deadline than the one the alarm waits for
+    assert woke == [("z", 0.0), ("a", 1.0), ("b", 2.0), ("d", 2.25), ("c", 3.0)]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ns sandboxes need root")
