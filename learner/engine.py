@@ -112,7 +112,12 @@ class Engine(Protocol):
         """Accumulate the gradient of one micro-batch's loss (already batch-normalised; no rescaling)."""
 
     def step(self) -> dict[str, float]:
-        """Clip, optimizer step, LR schedule step, zero grads: {"optim/grad_norm", "optim/lr", ...}."""
+        """Clip, optimizer step, LR schedule step, zero grads: {"optim/grad_norm", "optim/lr", "optim/skipped"}.
+
+        "optim/grad_norm" is the global norm before clipping; "optim/lr" the LR this step used;
+        "optim/skipped" 1.0 when the norm was not finite and nothing was updated (grads dropped,
+        schedule not advanced).
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to resume exactly, full and on CPU (layout in the module docstring)."""
@@ -225,13 +230,16 @@ class TorchEngine:
 
     def step(self) -> dict[str, float]:
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)  # norm before clipping
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))  # norm before clipping
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
-        self.optimizer.step()
-        self.scheduler.step()
+        # A non-finite gradient would turn every weight into NaN: skip the update, as ZeRO does
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        return {"optim/grad_norm": float(grad_norm), "optim/lr": float(lr)}
+        return {"optim/grad_norm": grad_norm, "optim/lr": float(lr), "optim/skipped": float(skipped)}
 
     def state_dict(self) -> dict[str, Any]:
         return {

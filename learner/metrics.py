@@ -121,6 +121,8 @@ def plot_learning_curves(metrics_path: str | os.PathLike[str], png_path: str | o
             if stage in ("rft", "dapo") and start > 0:
                 ax.axvline(start - 0.5, color="grey", linestyle=":", linewidth=1)
                 ax.text(start - 0.4, ax.get_ylim()[1], stage, fontsize=7, va="top", color="grey")
+        if label == "solve rate":
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -50,39 +50,55 @@ log = logging.getLogger("swe_dapo.learner")
 
 
 class TaskCursor:
-    """Tasks in a seeded order, epoch after epoch; its state (epoch, index) is part of a checkpoint."""
+    """Tasks in a seeded order, epoch after epoch; its state is part of a checkpoint.
 
-    def __init__(self, tasks: Sequence[Task], seed: int, epoch: int = 0, index: int = 0) -> None:
+    `take(n)` never returns one task twice (two groups of one task in a batch would share their
+    prompts, and with them their sampling seeds): at an epoch boundary, a task already in the batch is
+    swapped with the next one of the new epoch that is not. The swaps are part of the state.
+    """
+
+    def __init__(self, tasks: Sequence[Task], seed: int) -> None:
         if not tasks:
             raise ValueError("TaskCursor: no tasks")
         self.tasks = list(tasks)
         self.seed = seed
-        self.epoch = epoch
-        self.index = index
-        self._order = self._permutation(epoch)
+        self.epoch = 0
+        self.index = 0
+        self.swaps: list[tuple[int, int]] = []  # (i, j) swaps of positions applied to this epoch's order
+        self._order = self._permutation(0, [])
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int, swaps: Sequence[tuple[int, int]]) -> list[int]:
         order = list(range(len(self.tasks)))
         random.Random(f"{self.seed}:tasks:{epoch}").shuffle(order)
+        for i, j in swaps:
+            order[i], order[j] = order[j], order[i]
         return order
 
     def take(self, n: int) -> list[Task]:
-        out = []
-        for _ in range(n):
+        if n > len(self.tasks):
+            raise ValueError(f"a batch of {n} distinct tasks from a set of {len(self.tasks)}")
+        out: list[Task] = []
+        seen: set[int] = set()
+        while len(out) < n:
             if self.index >= len(self._order):
-                self.epoch += 1
-                self.index = 0
-                self._order = self._permutation(self.epoch)
+                self.epoch, self.index, self.swaps = self.epoch + 1, 0, []
+                self._order = self._permutation(self.epoch, [])
+            if self._order[self.index] in seen:
+                j = next(k for k in range(self.index + 1, len(self._order)) if self._order[k] not in seen)
+                self.swaps.append((self.index, j))
+                self._order[self.index], self._order[j] = self._order[j], self._order[self.index]
+            seen.add(self._order[self.index])
             out.append(self.tasks[self._order[self.index]])
             self.index += 1
         return out
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "swaps": [list(s) for s in self.swaps]}
 
-    def load_state(self, state: dict[str, int]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._permutation(self.epoch)
+        self.swaps = [(int(i), int(j)) for i, j in state.get("swaps", [])]
+        self._order = self._permutation(self.epoch, self.swaps)
 
 
 class SeededPolicy:

@@ -77,7 +77,7 @@ class Progress:
     stage_index: int = 0  # index into run.stages
     stage_step: int = 0  # steps done in the current stage
     policy_version: int = 0  # the version the endpoints serve
-    cursor: dict[str, int] = dataclasses.field(default_factory=lambda: {"epoch": 0, "index": 0})
+    cursor: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": 0, "index": 0, "swaps": []})
     evaluated_step: int = -1  # the last step whose held-out evaluation was logged
     engine_stage: int = 0  # the stage whose optimizer the checkpoint's trainer state belongs to
     metrics_lines: int = 0
@@ -338,6 +338,11 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(dump_config(cfg))
         train_tasks, heldout = load_task_sets(cfg, self.out)
+        for name, n in (("rft.batch_tasks", cfg.rft.batch_tasks if "rft" in cfg.run.stages else 0),
+                        ("dapo.batch_groups", cfg.dapo.batch_groups if "dapo" in cfg.run.stages else 0),
+                        ("dapo.sample_groups", cfg.dapo.sample_groups if "dapo" in cfg.run.stages else 0)):
+            if n > len(train_tasks):
+                raise ConfigError(f"{name}: {n} distinct tasks per batch, but the train set has {len(train_tasks)}")
         cursor = TaskCursor(train_tasks, cfg.run.seed)
         cursor.load_state(self.progress.cursor)
         metrics = MetricsLog.open(self.out, keep_lines=self.progress.metrics_lines if resume_from else None,
@@ -398,7 +403,11 @@ class Run:
         step, cfg = self.progress.step, self.cfg
         if step == 0:
             return cfg.eval.before
-        return step == cfg.total_steps or bool(cfg.eval.every and step % cfg.eval.every == 0)
+        stage_ends, end = set(), 0
+        for stage in cfg.run.stages:  # the solve rate after each stage: "RFT alone" vs "RFT + DAPO"
+            end += cfg.stage_steps(stage)
+            stage_ends.add(end)
+        return step in stage_ends or bool(cfg.eval.every and step % cfg.eval.every == 0)
 
     async def _loop(self, env: Environment, model: Any, tokenizer: Any, engine: Any, cursor: TaskCursor,
                     heldout: list[Task], metrics: MetricsLog, decode: Any) -> None:
@@ -408,6 +417,8 @@ class Run:
             # Evaluation runs after the step's checkpoint; a run resumed before it was logged runs it again.
             if heldout and self._eval_due() and p.evaluated_step < p.step:
                 tag = "before" if p.step == 0 else "after" if p.step == cfg.total_steps else f"step {p.step}"
+                if tag.startswith("step") and p.stage_index > 0 and p.stage_step == 0:
+                    tag = f"after {stages[p.stage_index - 1]}"
                 values, results = await self.evaluate(env, heldout, tag)
                 metrics.log(p.step, "eval", values)
                 p.evaluated_step = p.step
@@ -504,6 +515,16 @@ class Run:
 # --- entry point -----------------------------------------------------------------------------------
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars only: no per-save bars from transformers, no accelerator probe banner
+    from DeepSpeed (which transformers imports when saving) on a machine without CUDA."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _choose_resume(cfg: RunConfig, mode: str, console: Console) -> Path | None:
     latest = ckpt.find_latest(Path(cfg.run.out_dir) / "checkpoints")
     if mode == "never":
@@ -540,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--resume", action="store_true", help="resume; fail when there is no checkpoint")
     group.add_argument("--ask", action="store_true", help="ask whether to resume when a checkpoint exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options may come between overrides
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides were given
         config, overrides = None, [config, *overrides]
@@ -549,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         raise SystemExit(f"learner.run: bad config: {exc}") from None
     logging.basicConfig(level=cfg.run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     mode = "never" if args.fresh else "must" if args.resume else "ask" if args.ask else None
     try:
         summary = run(cfg, resume=mode, quiet=args.quiet)

@@ -138,11 +138,13 @@ class DeepSpeedEngine:
     def step(self) -> dict[str, float]:
         lr = self._adamw.param_groups[0]["lr"]
         self.ds.step()
-        self.scheduler.step()
-        self.steps += 1
+        skipped = not self.ds.was_step_applied()  # ZeRO skips a non-finite gradient
+        if not skipped:
+            self.scheduler.step()
+            self.steps += 1
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
-        return {"optim/grad_norm": norm, "optim/lr": float(lr)}
+        return {"optim/grad_norm": norm, "optim/lr": float(lr), "optim/skipped": float(skipped)}
 
     @contextlib.contextmanager
     def gathered(self, params: Iterable[nn.Parameter]) -> Iterator[None]:

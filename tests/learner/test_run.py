@@ -100,7 +100,8 @@ def test_loop_trains_logs_checkpoints_and_evaluates(uninterrupted, setup):
     out_dir, summary = uninterrupted
     records = _training_records(out_dir)
     stages = [(r["step"], r["stage"]) for r in records]
-    assert stages == [(0, "eval"), (1, "rft"), (2, "dapo"), (3, "dapo"), (4, "dapo"), (4, "eval")]
+    # held-out evaluation before training, after RFT alone, and after DAPO
+    assert stages == [(0, "eval"), (1, "rft"), (1, "eval"), (2, "dapo"), (3, "dapo"), (4, "dapo"), (4, "eval")]
     dapo = [r for r in records if r["stage"] == "dapo"]
     trained = [r for r in dapo if r.get("dapo/skipped") == 0.0]
     assert trained, "no DAPO step trained: every group was dropped"

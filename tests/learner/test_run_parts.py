@@ -1,0 +1,113 @@
+"""The loop's parts without sandboxes: task cursor, request seeds, checkpoints, metrics log."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from learner import checkpoint as ckpt
+from learner.metrics import MetricsLog, read_metrics
+from learner.rollouts import SeededPolicy, TaskCursor
+
+
+def _tasks(n):
+    return [SimpleNamespace(id=f"t{i}") for i in range(n)]
+
+
+def test_task_cursor_batches_are_distinct_and_resume_exactly():
+    cursor = TaskCursor(_tasks(5), seed=3)
+    batches = [[t.id for t in cursor.take(3)] for _ in range(7)]
+    assert all(len(set(b)) == 3 for b in batches)  # distinct even across epoch boundaries
+    assert {t for b in batches[:1] for t in b} <= {f"t{i}" for i in range(5)}
+    # the same seed gives the same sequence; a cursor restored mid-way continues it
+    again = TaskCursor(_tasks(5), seed=3)
+    first = [[t.id for t in again.take(3)] for _ in range(3)]
+    state = json.loads(json.dumps(again.state()))
+    restored = TaskCursor(_tasks(5), seed=3)
+    restored.load_state(state)
+    rest = [[t.id for t in restored.take(3)] for _ in range(4)]
+    assert first + rest == batches
+    assert [[t.id for t in TaskCursor(_tasks(5), seed=4).take(3)] for _ in range(7)] != batches
+    with pytest.raises(ValueError, match="6 distinct tasks from a set of 5"):
+        cursor.take(6)
+
+
+def test_request_seeds_depend_on_prompt_round_and_repeat_count_not_order():
+    policy = SeededPolicy(llm=None, seed=7)
+    policy.new_round("dapo:0:0")
+    a = [policy.request_seed([1, 2, 3]) for _ in range(4)]  # G rollouts of one prompt
+    b = policy.request_seed([1, 2, 4])
+    assert len(set(a)) == 4 and b not in a
+    policy.new_round("dapo:0:0")
+    assert policy.request_seed([1, 2, 4]) == b and [policy.request_seed([1, 2, 3]) for _ in range(4)] == a
+    policy.new_round("dapo:1:0")
+    assert policy.request_seed([1, 2, 3]) != a[0]
+    assert SeededPolicy(llm=None, seed=8).request_seed([1, 2, 3]) != a[0]
+
+
+class _Tok:
+    def save_pretrained(self, path):
+        (path / "tokenizer.json").write_text("{}")
+
+
+def _save(root, step, value):
+    from learner.tiny import shared_tokenizer, tiny_model
+
+    model = tiny_model(shared_tokenizer(), seed=0)
+    with torch.no_grad():
+        next(model.parameters()).fill_(value)
+    return ckpt.save(root, step=step, model=model, tokenizer=_Tok(), keep=2,
+                     engine_state={"model": model.state_dict(), "optimizer": {"x": value}, "scheduler": {}, "step": step},
+                     state={"policy_version": step, "rng": ckpt.capture_rng()})
+
+
+def test_checkpoints_are_atomic_and_fall_back_to_the_last_good_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 1, 1.0)
+    _save(root, 2, 2.0)
+    _save(root, 3, 3.0)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000002", "step-000003"]  # keep = 2
+    assert ckpt.find_latest(root).name == "step-000003"
+    loaded = ckpt.load(ckpt.find_latest(root))
+    assert loaded.step == 3 and loaded.trainer["optimizer"] == {"x": 3.0} and "model" not in loaded.trainer
+    # a kill mid-write leaves a .tmp directory: ignored, and swept by the next save
+    (root / ".tmp-step-000004-abc").mkdir()
+    (root / ".tmp-step-000004-abc" / "state.json").write_text("{")
+    assert ckpt.find_latest(root).name == "step-000003"
+    # `latest` naming a checkpoint that lost a file: the newest readable one is used
+    (root / "step-000003" / "trainer.pt").unlink()
+    assert ckpt.find_latest(root).name == "step-000002"
+    _save(root, 4, 4.0)
+    assert not list(root.glob(".tmp-*")) and ckpt.find_latest(root).name == "step-000004"
+    with pytest.raises(ckpt.CheckpointError, match="trainer.pt"):
+        ckpt.load(root / "step-000003")
+
+
+def test_rng_state_round_trips():
+    state = ckpt.capture_rng()
+    a = (torch.rand(3), __import__("random").random())
+    ckpt.restore_rng(json.loads(json.dumps(state)))
+    b = (torch.rand(3), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_metrics_log_truncates_to_the_checkpoint_and_skips_torn_lines(tmp_path):
+    log = MetricsLog.open(tmp_path, tensorboard=False)
+    for step in range(1, 5):
+        log.log(step, "dapo", {"loss/policy": step / 10, "bad": float("nan")})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "ab") as fh:
+        fh.write(b'{"step": 5, "sta')  # a kill mid-write
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    resumed = MetricsLog.open(tmp_path, keep_lines=2, tensorboard=False)
+    resumed.log(3, "dapo", {"loss/policy": 0.3})
+    resumed.close()
+    records = list(read_metrics(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["bad"] is None
+    fresh = MetricsLog.open(tmp_path, tensorboard=False)  # a fresh run starts a new file
+    fresh.close()
+    assert os.path.getsize(tmp_path / "metrics.jsonl") == 0
