@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .losses import dapo_loss, merge_metrics, sft_loss
 from .packing import PackedRow, Sample, additive_mask, pack, total_loss_tokens
 
-__all__ = ["dapo_step", "row_logprobs", "rft_step"]
+__all__ = ["dapo_step", "head_logprobs", "rft_step", "row_hidden", "row_logprobs"]
 
 
 def _base_and_head(model: nn.Module) -> tuple[nn.Module, Tensor]:
@@ -38,20 +38,28 @@ def _base_and_head(model: nn.Module) -> tuple[nn.Module, Tensor]:
     return base, head.weight
 
 
-def row_logprobs(model: nn.Module, row: PackedRow, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """(logprobs, entropy) of ``row.targets``, each (T,) float32, nonzero only where the row's loss mask is.
+def row_hidden(model: nn.Module, row: PackedRow) -> Tensor:
+    """Final hidden states (T, H) of a packed row.
 
     A row of one sequence runs with the model's own causal mask; several sequences get the block-causal
     mask (additive, so every attention implementation reads it the same way).
     """
-    base, weight = _base_and_head(model)
-    input_ids = row.input_ids[None]  # (1, T)
+    base, _ = _base_and_head(model)
     mask = None
     if row.cu_seqlens.numel() > 2:
         dtype = next(base.parameters()).dtype
         mask = additive_mask(row.attention_mask(), dtype)[None, None]  # (1, 1, T, T)
-    hidden = base(input_ids=input_ids, position_ids=row.position_ids[None], attention_mask=mask,
-                  use_cache=False).last_hidden_state[0]  # (T, H)
+    return base(input_ids=row.input_ids[None], position_ids=row.position_ids[None], attention_mask=mask,
+                use_cache=False).last_hidden_state[0]  # (T, H)
+
+
+def head_logprobs(model: nn.Module, hidden: Tensor, row: PackedRow, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy) of ``row.targets`` from `hidden`, each (T,), nonzero only where the loss mask is.
+
+    Only positions that carry loss reach the LM head (chunked: never a [T, V] tensor). Under ZeRO-3
+    call it inside ``engine.gathered([model.lm_head.weight])``, with the backward.
+    """
+    _, weight = _base_and_head(model)
     where = row.loss_mask.nonzero().squeeze(-1)  # (N,) positions that carry loss
     logp, ent = torch.zeros_like(row.loss_mask), torch.zeros_like(row.loss_mask)
     if where.numel():
@@ -60,6 +68,11 @@ def row_logprobs(model: nn.Module, row: PackedRow, *, chunk_size: int = 1024) ->
         logp = logp.to(lp.dtype).index_put((where,), lp)
         ent = ent.to(en.dtype).index_put((where,), en)
     return logp, ent
+
+
+def row_logprobs(model: nn.Module, row: PackedRow, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy) of a packed row's targets, each (T,) float32 (see `head_logprobs`)."""
+    return head_logprobs(model, row_hidden(model, row), row, chunk_size=chunk_size)
 
 
 def _token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -101,22 +114,29 @@ def dapo_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int
     rows = pack(samples, micro_batch_tokens, pad_id=pad_id)
     model.train()
     old: list[Tensor] | None = None
+    head = [_base_and_head(model)[1]]
     if updates > 1:
         with torch.no_grad():
-            old = [row_logprobs(model, r, chunk_size=chunk_size)[0] for r in rows]
+            old = []
+            for r in rows:
+                hidden = row_hidden(model, r)
+                with engine.gathered(head):
+                    old.append(head_logprobs(model, hidden, r, chunk_size=chunk_size)[0])
     metrics: dict[str, float] = {}
     index = {id(r): i for i, r in enumerate(rows)}
     parts = _split(rows, updates)
     for part in parts:
-        num_tokens = total_loss_tokens(part)
+        num_tokens = engine.global_sum(total_loss_tokens(part))  # the batch's, over every rank
         part_metrics: dict[str, float] = {}
         for row in part:
-            logp, ent = row_logprobs(model, row, chunk_size=chunk_size)
-            row_old = old[index[id(row)]] if old is not None else logp.detach()
-            loss, m = dapo_loss(logp, row_old, row.advantages, row.loss_mask, num_tokens=num_tokens,
-                                eps_low=eps_low, eps_high=eps_high, sampler_logprobs=row.sampler_logprobs,
-                                tis_cap=tis_cap, entropies=ent)
-            engine.backward(loss)
+            hidden = row_hidden(model, row)
+            with engine.gathered(head):
+                logp, ent = head_logprobs(model, hidden, row, chunk_size=chunk_size)
+                row_old = old[index[id(row)]] if old is not None else logp.detach()
+                loss, m = dapo_loss(logp, row_old, row.advantages, row.loss_mask, num_tokens=num_tokens,
+                                    eps_low=eps_low, eps_high=eps_high, sampler_logprobs=row.sampler_logprobs,
+                                    tis_cap=tis_cap, entropies=ent)
+                engine.backward(loss)
             part_metrics = merge_metrics(part_metrics, m)
         part_metrics.update(engine.step())
         # means over mini-batches (each is already a mean over its own tokens), maxima kept, counts added
@@ -140,17 +160,19 @@ def rft_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int,
     started = time.perf_counter()
     model = engine.model
     rows = pack(samples, micro_batch_tokens, pad_id=pad_id)
-    num_tokens = total_loss_tokens(rows)
+    num_tokens = engine.global_sum(total_loss_tokens(rows))
     if num_tokens == 0:
         raise ValueError("rft_step: the resolved trajectories have no model tokens")
     model.train()
+    head = [_base_and_head(model)[1]]
     metrics: dict[str, float] = {}
     for row in rows:
-        logp, ent = row_logprobs(model, row, chunk_size=chunk_size)
-        loss, m = sft_loss(logp, row.loss_mask, num_tokens=num_tokens)
-        with torch.no_grad():
-            m["policy/entropy"] = float((ent.detach() * row.loss_mask).sum() / num_tokens)
-        engine.backward(loss)
+        hidden = row_hidden(model, row)
+        with engine.gathered(head):
+            logp, ent = head_logprobs(model, hidden, row, chunk_size=chunk_size)
+            loss, m = sft_loss(logp, row.loss_mask, num_tokens=num_tokens)
+            engine.backward(loss)
+        m["policy/entropy"] = float((ent.detach() * row.loss_mask).sum() / num_tokens)
         metrics = merge_metrics(metrics, m)
     metrics.update(engine.step())
     model.eval()
