@@ -163,20 +163,16 @@ class RunningExec:
         out_done = trio.Event()
         timed_out = False
         exit_code: int | None = None
-        streamed = 0
-
-        async def take(chunk: bytes) -> None:
-            nonlocal streamed
-            cap.feed(chunk)
-            if on_output is not None and streamed < req.max_output_bytes:
-                piece = chunk[: req.max_output_bytes - streamed]
-                streamed += len(piece)
-                await on_output(piece)
 
         async def pump_out() -> None:
+            streamed = 0
             try:
                 while chunk := await out_stream.receive_some(65536):
-                    await take(chunk)
+                    cap.feed(chunk)
+                    if on_output is not None and streamed < req.max_output_bytes:
+                        piece = chunk[: req.max_output_bytes - streamed]
+                        streamed += len(piece)
+                        await on_output(piece)
             finally:
                 out_done.set()
 
@@ -203,13 +199,6 @@ class RunningExec:
                 with trio.move_on_after(OUTPUT_DRAIN_S):
                     await out_done.wait()
                 nursery.cancel_scope.cancel()
-            if not out_done.is_set():
-                # The command has exited and what it wrote is in the pipe, but the pipe is not at
-                # EOF: a background process holds it, or this loop was too busy to read within
-                # OUTPUT_DRAIN_S (bench/soak.py, 64 clients: whole outputs were lost). Take what
-                # is there now, without waiting for more.
-                for chunk in _ready_chunks(out_stream.fileno()):
-                    await take(chunk)
         finally:
             if exit_code is None and not call.has_exited:
                 with trio.CancelScope(shield=True):
@@ -223,20 +212,6 @@ class RunningExec:
                     self._chan.forget(call)
         return ExecResult(exit_code if exit_code is not None else -signal.SIGKILL, cap.output(),
                           cap.truncated, timed_out, time.perf_counter() - self._start, cap.total_bytes)
-
-
-def _ready_chunks(fd: int, max_chunks: int = 64) -> list[bytes]:
-    """What can be read from a non-blocking fd right now (at most max_chunks x 64 KiB)."""
-    chunks = []
-    for _ in range(max_chunks):
-        try:
-            chunk = os.read(fd, 65536)
-        except (BlockingIOError, InterruptedError):
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return chunks
 
 
 # ---------------------------------------------------------------- diff: an exec of git
