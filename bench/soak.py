@@ -211,8 +211,8 @@ async def one_cycle(node, rec: Recorder) -> None:
             await rec.timed("restore", sb.restore(snap))
             res = await rec.timed("exec", sb.exec("cat /testbed/f", timeout_s=60))
             if res.output != b"base\n":
-                detail = await sb.exec("ls -la /testbed; od -c /testbed/f | head -3", timeout_s=60)
-                raise AssertionError("read after restore", res.exit_code, res.output, detail.output[:300])
+                detail = await sb.exec("od -c /testbed/f | head -3; stat -c %s /testbed/f; cat /testbed/f", timeout_s=60)
+                raise AssertionError("read after restore", res.exit_code, res.output, detail.output[:200])
         finally:
             with trio.CancelScope(shield=True):
                 await rec.timed("delete_snapshot", node.delete_snapshot(snap))
@@ -229,7 +229,7 @@ async def client(address: str, stop: trio.Event, rec: Recorder) -> None:
             try:
                 await one_cycle(node, rec)
             except Exception as exc:  # counted and reported: a soak must have none
-                kind = re.sub(r"duration_s=[0-9.e-]+", "duration_s=...", f"{type(exc).__name__}: {exc}")[:160]
+                kind = re.sub(r"duration_s=[0-9.e-]+", "duration_s=...", f"{type(exc).__name__}: {exc}")[:400]
                 rec.errors[kind] += 1
                 await trio.sleep(0.1)
 
