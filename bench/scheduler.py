@@ -4,7 +4,10 @@
     turns per second and the scheduler's own overhead per turn (p50/p99: a turn's wall time less the
     time spent inside the sampler and the tool);
 (c) with 200 ms per-turn sampler latency: the run's wall time against the ideal
-    (turns x latency / concurrency), target within 10%.
+    (turns x latency / concurrency), target within 10%. The fake policy waits with
+    `agent.fakes.fake_latency` (a parked task woken by one alarm task, as a reply on a socket would
+    wake it) rather than `trio.sleep`, whose cancel-and-catch costs ~25 us of CPU per call here.
+Every part reports the CPU seconds it used and the load average (the machine is shared).
 (b) over loopback HTTP against the fake server running in another process: turns per second with
     agent.llm's client, and in the same run the naive baseline (one httpx AsyncClient with a
     connection per episode), and the ratio.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -113,7 +117,7 @@ async def run_http(episodes: int, turns: int, tokenizer, url: str, naive: bool, 
         counted["episodes"] += 1
         counted["turns"] += len(result.trajectory.turns)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with trio.move_on_after(seconds):
         if naive:
             policy = NaiveHTTPPolicy(url, episodes)
@@ -127,7 +131,8 @@ async def run_http(episodes: int, turns: int, tokenizer, url: str, naive: bool, 
     wall = time.perf_counter() - t0
     # Turns finished inside unfinished episodes are not counted: a lower bound for a cut-off run.
     return {"episodes_done": counted["episodes"], "turns": counted["turns"], "wall_s": round(wall, 2),
-            "turns_per_s": round(counted["turns"] / wall, 1), "cut_off": counted["episodes"] < episodes}
+            "turns_per_s": round(counted["turns"] / wall, 1), "cut_off": counted["episodes"] < episodes,
+            "cpu_s": round(time.process_time() - cpu0, 2), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -145,7 +150,7 @@ async def run(episodes: int, turns: int, latency_s: float, tokenizer) -> dict:
     config = SchedulerConfig(max_episodes=episodes, node_capacity=episodes,
                              episode=EpisodeConfig(max_turns=turns, max_context_tokens=1 << 20))
     sched = Scheduler(nodes, policy, tokenizer, grader, config)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     results = await sched.run_groups([(t, episodes // groups, f"g{i}") for i, t in enumerate(tasks)])
     wall = time.perf_counter() - t0
     trajs = [r.trajectory for g in results for r in g]
@@ -165,6 +170,8 @@ async def run(episodes: int, turns: int, latency_s: float, tokenizer) -> dict:
         "ideal_s": round(ideal, 3) if latency_s else None,
         "vs_ideal": round(wall / ideal, 3) if latency_s else None,
         "resolved": sum(bool(t.resolved) for t in trajs),
+        "cpu_s": round(time.process_time() - cpu0, 2),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
