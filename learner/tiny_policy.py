@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "MIX", "Mix", "SFTConfig", "Sample", "TinyEpisode", "evaluate_policy", "generate_data", "line_mutations",
+    "MIX", "WORDS", "Mix", "SFTConfig", "action_accuracy", "rename_site", "Sample", "TinyEpisode", "evaluate_policy", "generate_data", "line_mutations",
     "plan_episode", "pretrain", "summarize", "synthetic_sites", "train_tokenizer",
 ]
 
@@ -427,6 +427,100 @@ def synthetic_site_files(template: Any, site: Any, rng: random.Random, idx: int)
 
 
 # ---------------------------------------------------------------------------------------------
+# Renaming augmentation: the same site with fresh identifiers, so the model must COPY names and lines.
+
+# Generic programming words (none taken from the held-out templates' code): fresh identifiers are
+# 1-2 of these joined by "_", so they tokenize into pieces the tokenizer knows, as held-out names do.
+WORDS = tuple("""
+add age alpha amount angle area base batch begin best bin block body bound box buffer cache cell
+char check chunk city code col color count cursor data date day delta depth diff digit dist doc
+edge end entry error event extra factor field file first flag float frame gap grid group head
+height hour index info input item key kind label last left len level limit line link list load
+low mask max mean mid min mode name next node note num offset order page pair part path peak
+point pos prefix price queue rank rate ratio raw record rest result right root row rule scale
+score seed shift side size slot source span speed stack start state step store sum tag tail
+target text tick time token total track tree unit value view week weight width word year zone
+""".split())
+_BUILTIN_NAMES = frozenset(dir(__import__("builtins"))) | frozenset(__import__("keyword").kwlist)
+
+
+def _defined_names(files: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(function and class names, other bound names) defined in the .py files of `files`."""
+    funcs: list[str] = []
+    others: list[str] = []
+    for path, text in files.items():
+        if not path.endswith(".py"):
+            continue
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            funcs += re.findall(r"^\s*(?:def|class) (\w+)", text, re.M)
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                funcs.append(node.name)
+            elif isinstance(node, ast.arg):
+                others.append(node.arg)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                others.append(node.id)
+    return list(dict.fromkeys(funcs)), [n for n in dict.fromkeys(others) if n not in funcs]
+
+
+def rename_site(site: SiteFiles, rng: random.Random, *, p_local: float = 0.5) -> SiteFiles:
+    """`site` with its package, modules, functions, classes and (each with probability `p_local`)
+    other names of 3+ characters replaced by fresh ones, consistently in every file, path, the
+    issue and the edit. The code need not run: episodes only grep it and str_replace in it."""
+    funcs, others = _defined_names(site.files)
+    package = site.buggy_file.split("/")[0]
+    modules = [Path(p).stem for p in site.files if p.endswith(".py") and "/" in p]
+    chosen = [n for n in dict.fromkeys([package, *modules, *funcs])
+              if len(n) >= 3 and not n.startswith("__") and n not in _BUILTIN_NAMES and not n.startswith("test")]
+    chosen += [n for n in others if len(n) >= 3 and n not in _BUILTIN_NAMES and n != "self" and n not in chosen
+               and rng.random() < p_local]
+    texts = [*site.files.values(), site.issue]
+    taken = set(re.findall(r"\w+", "\n".join(texts)))
+    mapping: dict[str, str] = {}
+    for name in chosen:
+        for _ in range(50):
+            k = 1 if name in others and rng.random() < 0.5 else 2
+            new = "_".join(rng.choice(WORDS) for _ in range(k))
+            if name == package or name in modules:
+                new = new.replace("_", "")
+            if new not in taken and new not in mapping.values():
+                mapping[name] = new
+                break
+    if not mapping:
+        return site
+    pattern = re.compile(r"(?<![\w])(" + "|".join(sorted(map(re.escape, mapping), key=len, reverse=True)) + r")(?![\w])")
+
+    def sub(text: str) -> str:
+        return pattern.sub(lambda m: mapping[m.group(1)], text)
+
+    def sub_path(path: str) -> str:
+        parts = path.split("/")
+        return "/".join([*(mapping.get(q, q) for q in parts[:-1]),
+                         mapping.get(Path(parts[-1]).stem, Path(parts[-1]).stem) + Path(parts[-1]).suffix])
+
+    # Local names only in code (the issue's prose keeps its words); the rest everywhere.
+    public = {k: v for k, v in mapping.items() if k not in others or k in funcs}
+    pattern_public = re.compile(r"(?<![\w])(" + "|".join(sorted(map(re.escape, public), key=len, reverse=True))
+                                + r")(?![\w])") if public else None
+
+    def sub_issue(text: str) -> str:
+        return pattern_public.sub(lambda m: public[m.group(1)], text) if pattern_public else text
+
+    files = {sub_path(path): sub(text) if path.endswith(".py") else sub_issue(text) for path, text in site.files.items()}
+    out = dataclasses.replace(site, files=files, buggy_file=sub_path(site.buggy_file),
+                              function=mapping.get(site.function, site.function),
+                              entry_function=mapping.get(site.entry_function, site.entry_function),
+                              old=sub(site.old), new=sub(site.new), issue=sub_issue(site.issue))
+    text = out.files[out.buggy_file]
+    if text.count(out.old) != 1 or out.old == out.new or _window(text, out.function) == []:
+        return site  # the renaming broke an invariant of the edit: keep the original
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Recording episodes token-exact through the scaffold.
 
 
@@ -496,10 +590,11 @@ def _sample(traj: Any, move: str) -> Sample:
 
 
 def generate_data(sites: Sequence[SiteFiles], tokenizer: Any, *, episodes_per_site: int, seed: int,
-                  mix: Mix = MIX, concurrency: int = 8) -> list[Sample]:
+                  mix: Mix = MIX, concurrency: int = 8, rename: float = 0.0) -> list[Sample]:
     """`episodes_per_site` mixture episodes of every site, recorded through the scaffold.
 
-    Deterministic for (sites, tokenizer, episodes_per_site, seed, mix): plans come from per-episode
+    `rename`: the fraction of episodes recorded on a `rename_site` copy of the site (fresh names).
+    Deterministic for (sites, tokenizer, episodes_per_site, seed, mix, rename): plans come from per-episode
     seeded generators and every tool is deterministic (grep over one matching file, str_replace).
     """
     import trio
@@ -513,6 +608,10 @@ def generate_data(sites: Sequence[SiteFiles], tokenizer: Any, *, episodes_per_si
     for s_i, site in enumerate(sites):
         for e in range(episodes_per_site):
             rng = random.Random(f"tiny-policy:{seed}:{site.task_id}:{e}")
+            if rename > 0 and rng.random() < rename:
+                site = rename_site(sites[s_i], rng)
+            else:
+                site = sites[s_i]
             turns, move = plan_episode(site, rng, mix)
             jobs.append((s_i * episodes_per_site + e, site, turns, move))
     out: list[Sample | None] = [None] * len(jobs)
@@ -604,9 +703,54 @@ def hidden_states(model: Any, ids: Any, attn: Any, prefix: int) -> Any:
     return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail], dim=1)
 
 
+def action_accuracy(model: Any, samples: Sequence[Sample], batch: int = 8) -> dict[str, float]:
+    """Teacher-forced greedy accuracy on the action tokens of `samples`: per token, and per model
+    turn exact (all tokens right), split into short turns (< 40 tokens: grep, submit) and long ones
+    (the edit, whose tokens are mostly copied from the grep output)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    exact = {"short": [0, 0], "long": [0, 0]}
+    with torch.inference_mode():
+        for k in range(0, len(samples), batch):
+            chunk = samples[k:k + batch]
+            width = max(len(s.ids) for s in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, s in enumerate(chunk):
+                ids[r, :len(s.ids)] = torch.tensor(s.ids)
+                attn[r, :len(s.ids)] = 1
+            pred = model.lm_head(hidden_states(model, ids, attn, common_prefix(chunk))).argmax(-1)  # (B, T)
+            for r, s in enumerate(chunk):
+                ok = [bool(pred[r, t - 1] == s.ids[t]) if s.loss_mask[t] else None for t in range(1, len(s.ids))]
+                run: list[bool] = []
+                for v in [*ok, None]:
+                    if v is None:
+                        if run:
+                            e = exact["long" if len(run) >= 40 else "short"]
+                            e[0] += all(run)
+                            e[1] += 1
+                        run = []
+                    else:
+                        run.append(v)
+                        right += v
+                        total += 1
+    if was_training:
+        model.train()
+    return {"token_acc": right / max(1, total), "short_turn_exact": exact["short"][0] / max(1, exact["short"][1]),
+            "long_turn_exact": exact["long"][0] / max(1, exact["long"][1])}
+
+
 def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfig(), *,
-             log: Any = None) -> dict[str, float]:
-    """SFT of `model` on `samples` (loss on action tokens, mean over them). Returns loss figures."""
+             log: Any = None, monitor: Sequence[Sample] = (), monitor_every: int = 100,
+             on_monitor: Any = None) -> dict[str, float]:
+    """SFT of `model` on `samples` (loss on action tokens, mean over them). Returns loss figures.
+
+    `monitor`: episodes (e.g. of held-out templates, never trained on) whose `action_accuracy` is
+    logged every `monitor_every` steps and at the end; `on_monitor(step, accuracy)` is called then
+    (e.g. to save a partial checkpoint)."""
     import torch
 
     if not samples:
@@ -658,9 +802,21 @@ def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfi
             recent = losses[-25:]
             log(f"sft step {step + 1}/{config.steps} loss {sum(recent) / len(recent):.4f} "
                 f"lr {lr_at(step):.2e} {time.perf_counter() - t0:.0f}s")
+        if monitor and log is not None and (step + 1) % monitor_every == 0 and step != config.steps - 1:
+            acc = action_accuracy(model, monitor)
+            log(f"sft step {step + 1} held-out action accuracy " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            if on_monitor is not None:
+                on_monitor(step + 1, acc)
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
-    return {"shared_prefix_tokens": float(prefix), "loss/first": losses[0], "loss/final": sum(tail) / len(tail), "sft_s": time.perf_counter() - t0}
+    out = {"shared_prefix_tokens": float(prefix), "loss/first": losses[0], "loss/final": sum(tail) / len(tail),
+           "sft_s": time.perf_counter() - t0}
+    if monitor:
+        acc = action_accuracy(model, monitor)
+        if log is not None:
+            log("final held-out action accuracy " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        out.update({f"heldout_{k}": v for k, v in acc.items()})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int, synthetic_episodes: int):
+def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int, synthetic_episodes: int,
+               rename: float = 0.0):
     """(tokenizer, samples, info) for `seed`; toy repositories are written under `workdir`."""
     from agent.scaffold import system_prompt
     from agent.toy import TEMPLATES, TRAIN_TEMPLATES, generate_suite
@@ -72,13 +73,28 @@ def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int,
     for name in TRAIN_TEMPLATES:
         corpus += list(TEMPLATES[name].modules.values()) + list(TEMPLATES[name].tests.values())
     corpus += ["\n".join(tp.plan_episode(s, random.Random(i))[0]) for i, s in enumerate(real + synthetic)]
+    # Renamed copies: the fresh names' word pieces (generic words, never held-out code) become tokens.
+    renamed = [tp.rename_site(s, random.Random(f"tok:{i}")) for i, s in enumerate(real + synthetic)]
+    corpus += [s.issue for s in renamed] + [s.files[s.buggy_file] for s in renamed]
+    corpus += [" ".join(tp.WORDS)] * 20
     tokenizer = tp.train_tokenizer(corpus, vocab_size)
-    samples = tp.generate_data(real, tokenizer, episodes_per_site=real_episodes, seed=seed)
-    samples += tp.generate_data(synthetic, tokenizer, episodes_per_site=synthetic_episodes, seed=seed)
+    samples = tp.generate_data(real, tokenizer, episodes_per_site=real_episodes, seed=seed, rename=rename)
+    samples += tp.generate_data(synthetic, tokenizer, episodes_per_site=synthetic_episodes, seed=seed, rename=rename)
     info = {"real_sites": len(real), "synthetic_sites": len(synthetic), "episodes": len(samples),
             "tokens": sum(len(s.ids) for s in samples), "action_tokens": sum(sum(s.loss_mask) for s in samples),
-            "moves": dict(Counter(s.move for s in samples)), "vocab_size": len(tokenizer)}
+            "moves": dict(Counter(s.move for s in samples)), "vocab_size": len(tokenizer), "rename": rename}
     return tokenizer, samples, info
+
+
+def monitor_data(seed: int, workdir: Path, tokenizer, n: int):
+    """Correct-fix episodes of held-out-template toy tasks: only for the accuracy logged during the
+    SFT (never trained on, never seen by the tokenizer)."""
+    from agent.toy import generate_suite
+    from learner import tiny_policy as tp
+
+    tasks = generate_suite(seed + 104729, 0, n, workdir / "monitor-suite", python="python3")
+    fix_only = tp.Mix(wrong_locate=0.0, same_line_wrong=0.0, other_line_wrong=0.0, no_edit=0.0)
+    return tp.generate_data(tp.real_sites(tasks), tokenizer, episodes_per_site=1, seed=seed, mix=fix_only)
 
 
 async def _evaluate(model, tokenizer, seed: int, workdir: Path, n_heldout: int, n_train: int, group: int) -> dict:
@@ -116,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rename", type=float, default=0.0, help="fraction of episodes on renamed sites (fresh names)")
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--monitor", type=int, default=24, help="held-out-template episodes for the logged accuracy")
+    p.add_argument("--monitor-every", type=int, default=100)
+    p.add_argument("--save-partial", action="store_true", help="save <out>.partial at every monitor step")
+    p.add_argument("--hidden", type=int, default=MODEL["hidden_size"])
+    p.add_argument("--layers", type=int, default=MODEL["num_layers"])
     p.add_argument("--eval-heldout", type=int, default=16, help="held-out tasks rolled out (0: skip the check)")
     p.add_argument("--eval-train", type=int, default=8)
     p.add_argument("--group", type=int, default=4, help="rollouts per task in the check")
@@ -134,13 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tokenizer, samples, data_info = build_data(args.seed, work, vocab_size=args.vocab_size,
                                                    real_episodes=args.real_episodes,
-                                                   synthetic_episodes=args.synthetic_episodes)
+                                                   synthetic_episodes=args.synthetic_episodes, rename=args.rename)
+        monitor = monitor_data(args.seed, work, tokenizer, args.monitor) if args.monitor else []
         _log(f"data: {json.dumps(data_info)} ({time.perf_counter() - t_start:.0f}s)")
+        MODEL.update(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=3 * args.hidden)
         model = tiny_model(tokenizer, seed=args.seed, **MODEL)
         params = sum(p.numel() for p in model.parameters())
         _log(f"model: {params} parameters {MODEL}")
-        sft = tp.SFTConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed)
-        losses = tp.pretrain(model, samples, sft, log=_log)
+        sft = tp.SFTConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
+                           warmup_steps=args.warmup)
+        partial = args.out.parent / (args.out.name + ".partial")
+
+        def save_partial(step: int, acc: dict) -> None:
+            save_model(model, tokenizer, partial)
+            (partial / "partial.json").write_text(json.dumps({"step": step, **acc}) + "\n")
+
+        losses = tp.pretrain(model, samples, sft, log=_log, monitor=monitor, monitor_every=args.monitor_every,
+                             on_monitor=save_partial if args.save_partial else None)
         evaluation = {}
         if args.eval_heldout or args.eval_train:
             t0 = time.perf_counter()

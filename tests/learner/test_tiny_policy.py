@@ -165,6 +165,48 @@ def test_data_is_token_exact_scaffold_episodes_and_deterministic(small_sites):
     assert f"{site.buggy_file}:" in text  # the real grep output of the episode is in the observation
 
 
+def test_renamed_sites_are_consistent_and_fresh(small_sites):
+    """Fresh names everywhere at once: the buggy file's path, the function, the edit and the issue agree."""
+    changed = 0
+    for k, site in enumerate(small_sites):
+        r = tp.rename_site(site, random.Random(k))
+        text = r.files[r.buggy_file]
+        assert text.count(r.old) == 1 and r.old != r.new
+        assert f"def {r.function}(" in text and f"def {r.entry_function}(" in "\n".join(r.files.values())
+        assert len(r.files) == len(site.files)
+        if r is not site:
+            changed += 1
+            assert r.buggy_file != site.buggy_file and r.function != site.function
+            assert f"def {site.function}(" not in "\n".join(r.files.values()) and f"{site.function}()" not in r.issue
+        assert tp.rename_site(site, random.Random(k)) == r  # deterministic for its generator
+    assert changed >= len(small_sites) - 1
+
+
+def test_renaming_in_the_data_is_deterministic_and_changes_every_episode(small_sites):
+    from agent.fakes import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(vocab_size=600)
+    a = tp.generate_data(small_sites[:3], tokenizer, episodes_per_site=2, seed=1, rename=1.0)
+    b = tp.generate_data(small_sites[:3], tokenizer, episodes_per_site=2, seed=1, rename=1.0)
+    plain = tp.generate_data(small_sites[:3], tokenizer, episodes_per_site=2, seed=1)
+    assert [s.ids for s in a] == [s.ids for s in b]
+    assert len(a) == len(plain) and all(x.ids != y.ids for x, y in zip(a, plain))
+    assert {s.move for s in a} <= {"fix", "no_edit", "same_line", "other_line", "wrong_locate"}
+
+
+def test_action_accuracy_counts_action_tokens_and_turns():
+    from agent.fakes import tiny_tokenizer
+    from learner.tiny import tiny_model
+
+    tokenizer = tiny_tokenizer(vocab_size=600)
+    model = tiny_model(tokenizer)
+    sample = tp.Sample(ids=list(range(10, 70)), loss_mask=[0] * 5 + [1] * 3 + [0] * 5 + [1] * 45 + [0] * 2,
+                       move="fix", task_id="t", turns=2)
+    acc = tp.action_accuracy(model, [sample])
+    assert set(acc) == {"token_acc", "short_turn_exact", "long_turn_exact"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+
+
 def test_shared_prefix_forward_equals_a_plain_forward():
     from agent.fakes import tiny_tokenizer
     from learner.tiny import tiny_model
