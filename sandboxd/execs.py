@@ -164,7 +164,10 @@ class RunningExec:
         timed_out = False
         exit_code: int | None = None
 
+        reached_eof = False
+
         async def pump_out() -> None:
+            nonlocal reached_eof
             streamed = 0
             try:
                 while chunk := await out_stream.receive_some(65536):
@@ -173,6 +176,7 @@ class RunningExec:
                         piece = chunk[: req.max_output_bytes - streamed]
                         streamed += len(piece)
                         await on_output(piece)
+                reached_eof = True
             finally:
                 out_done.set()
 
@@ -199,6 +203,14 @@ class RunningExec:
                 with trio.move_on_after(OUTPUT_DRAIN_S):
                     await out_done.wait()
                 nursery.cancel_scope.cancel()
+            if not reached_eof:
+                # A background process still holds the pipe open, or this loop was too busy to read
+                # within the drain window: whatever the command wrote is in the pipe's buffer already.
+                # Take it without waiting, or a starved loop returns exit 0 with the output lost.
+                for piece in _read_available(out_stream.fileno(), req.max_output_bytes + 65536):
+                    cap.feed(piece)
+                    if on_output is not None:
+                        await on_output(piece)
         finally:
             if exit_code is None and not call.has_exited:
                 with trio.CancelScope(shield=True):
@@ -212,6 +224,24 @@ class RunningExec:
                     self._chan.forget(call)
         return ExecResult(exit_code if exit_code is not None else -signal.SIGKILL, cap.output(),
                           cap.truncated, timed_out, time.perf_counter() - self._start, cap.total_bytes)
+
+
+def _read_available(fd: int, limit: int) -> list[bytes]:
+    """What a non-blocking pipe holds right now (up to `limit` bytes), without waiting for more."""
+    pieces: list[bytes] = []
+    total = 0
+    while total < limit:
+        try:
+            piece = os.read(fd, min(65536, limit - total))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:  # closed under us
+            break
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return pieces
 
 
 # ---------------------------------------------------------------- diff: an exec of git
