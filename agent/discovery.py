@@ -15,14 +15,10 @@ Sources (one string each):
     srv:_wire._tcp.NAME    one node per SRV record (target, port); targets' addresses come from the
                            answer's additional records, else from getaddrinfo
 
-How the scheduler takes it: `Scheduler(nodes)` takes a fixed sequence of clients, so today a learner
-passes `await nodes.wait_for(n)` (a snapshot) and node loss is handled by the scheduler's requeue. To
-follow membership, the scheduler needs two methods, ``add_node(client)`` (a new `_Node`) and
-``drain_node(name)`` (no new episodes; `client.node` is the name), driven by ``nodes.changes()``:
-
-    async for change in nodes.changes():
-        for client in change.added: scheduler.add_node(client)
-        for client in change.removed: scheduler.drain_node(client.node)
+How the scheduler takes it: start it on a snapshot (``Scheduler(await nodes.wait_for(n), ...)``) and
+let it follow membership with ``nursery.start_soon(scheduler.follow, nodes.changes())``, which calls
+``scheduler.add_node(client)`` for each added node and ``scheduler.drain_node(client.node)`` for each
+removed one (no new episodes start there; running ones finish, or requeue if the node dies).
 
 A removed node's connection stays open for `drain_s` (episodes running there can finish), then
 closes; a node that comes back before that is published again on the same connection. A DNS failure

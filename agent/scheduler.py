@@ -97,6 +97,7 @@ class _Node:
         self.name = getattr(client, "node", repr(client))
         self.limiter = trio.CapacityLimiter(capacity)
         self.healthy = True
+        self.draining = False  # left the membership: its running episodes finish, no new ones start
         self.failures = 0
         self.snapshots: dict[str, str] = {}  # task id -> snapshot of its environment on this node
         self.setup_locks: dict[str, trio.Lock] = {}
@@ -196,9 +197,41 @@ class Scheduler:
     # -- nodes ------------------------------------------------------------------------------------
 
     def _pick_node(self, exclude: set[str]) -> _Node:
-        healthy = [n for n in self.nodes if n.healthy and n.name not in exclude] or [
-            n for n in self.nodes if n.name not in exclude] or self.nodes
+        live = [n for n in self.nodes if not n.draining] or self.nodes
+        healthy = [n for n in live if n.healthy and n.name not in exclude] or [
+            n for n in live if n.name not in exclude] or live
         return min(healthy, key=lambda n: n.limiter.borrowed_tokens / n.limiter.total_tokens)
+
+    def add_node(self, client: Any) -> None:
+        """A sandbox node joined (`agent.discovery`): new episodes may start there. A node of the same
+        name that was draining is taken back with its new client."""
+        name = getattr(client, "node", repr(client))
+        for node in self.nodes:
+            if node.name == name:
+                node.client, node.draining, node.healthy = client, False, True
+                node.snapshots.clear()
+                node.users.clear()
+                return
+        self.nodes.append(_Node(client, self.config.node_capacity))
+        log.info("sandbox node %s added", name)
+
+    def drain_node(self, name: str) -> bool:
+        """A node left: no new episodes start there; those running finish (or requeue if it dies).
+        Returns False when no node has that name."""
+        for node in self.nodes:
+            if node.name == name:
+                node.draining = True
+                log.info("sandbox node %s draining", name)
+                return True
+        return False
+
+    async def follow(self, changes: Any) -> None:
+        """Apply membership changes (`agent.discovery.NodeSet.changes()`) until cancelled."""
+        async for change in changes:
+            for client in change.added:
+                self.add_node(client)
+            for client in change.removed:
+                self.drain_node(getattr(client, "node", repr(client)))
 
     def _node_failed(self, node: _Node, exc: BaseException) -> None:
         node.failures += 1
@@ -371,6 +404,6 @@ class Scheduler:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "nodes": {n.name: {"healthy": n.healthy, "failures": n.failures,
+        return {**self.counters, "nodes": {n.name: {"healthy": n.healthy, "draining": n.draining, "failures": n.failures,
                                                      "in_use": n.limiter.borrowed_tokens} for n in self.nodes},
                 "time": time.time()}

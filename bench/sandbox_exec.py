@@ -71,20 +71,12 @@ async def measure_ns(work: str, rounds: int) -> dict[str, list[float]]:
 
 async def measure_daemon(work: str, rounds: int) -> dict[str, list[float]]:
     """exec through `sandboxd serve` in its own process, over its Unix socket."""
-    import re
-
     from sandboxd.client import connect
+    from sandboxd.launch import start_daemon
 
     sock = os.path.join(work, "daemon.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "sandboxd", "serve", "--root", os.path.join(work, "daemon"),
-                             "--listen", f"unix:{sock}", "--log-level", "WARNING"], stderr=subprocess.PIPE, text=True)
+    daemon = start_daemon(os.path.join(work, "daemon"), [f"unix:{sock}"], log_level="WARNING", die_with_parent=True)
     try:
-        while True:
-            line = proc.stderr.readline()
-            if not line:
-                raise RuntimeError("sandboxd serve did not start")
-            if re.match(r"sandboxd: serving on", line):
-                break
         async with connect(f"unix:{sock}") as node:
             async with node.open("host") as sb:
                 async def daemon_true() -> None:
@@ -93,8 +85,7 @@ async def measure_daemon(work: str, rounds: int) -> dict[str, list[float]]:
 
                 return {"daemon": await timed(daemon_true, rounds)}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        daemon.stop()
 
 
 async def measure_podman(work: str, rounds: int, skipped: dict[str, str]) -> dict[str, list[float]]:

@@ -190,3 +190,27 @@ async def test_end_to_end_on_ns_sandboxes(tiny_tokenizer, toy_repo):
         assert all("+    return a + b" in r.trajectory.patch for r in results)
         stats = await node.stats()
         assert stats["runtime"]["sandboxes"] == 0 and stats["runtime"]["snapshots"] == 0
+
+
+async def test_nodes_join_and_drain_while_groups_run(tiny_tokenizer):
+    """Membership changes (agent.discovery): a drained node gets no new episode, a new one takes work."""
+    from agent.discovery import Membership
+
+    n0, n1 = FakeNode("n0"), FakeNode("n1")
+    sched = Scheduler([n0], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, patch_grader,
+                      SchedulerConfig(node_capacity=8))
+    send, receive = trio.open_memory_channel(4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sched.follow, receive)
+        await send.send(Membership(added=[n1], removed=[n0]))
+        while not any(n.name == "n1" for n in sched.nodes):
+            await trio.sleep(0)
+        before = n0.created
+        groups = await sched.run_groups([(task(i), 2, f"g{i}") for i in range(3)])
+        nursery.cancel_scope.cancel()
+    assert all(r.trajectory.resolved for g in groups for r in g)
+    assert n0.created == before and n1.created > 0  # nothing new on the drained node
+    assert sched.stats()["nodes"]["n0"]["draining"] is True
+    assert sched.drain_node("nope") is False
+    sched.add_node(n0)  # back again: taken back, not duplicated
+    assert [n.name for n in sched.nodes] == ["n0", "n1"] and not sched.nodes[0].draining
