@@ -93,7 +93,9 @@ class SandboxConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     endpoints: list[str] = field(default_factory=list)  # OpenAI-compatible servers; empty: embedded
+    model_name: str = ""  # the model id the endpoints serve ("": send none; vLLM then serves its only model)
     push_backend: Literal["ipc", "disk", "nccl"] = "ipc"  # weight push to the endpoints (ipc: embedded)
+    push_attempts: int = 3  # a failed weight push is retried (backoff) before the run gives up
     group_size: int = 4  # G rollouts per task (one DAPO group)
     temperature: float = 1.0
     max_turns: int = 8
@@ -206,7 +208,7 @@ def check_config(cfg: RunConfig) -> RunConfig:
     if len(set(cfg.run.stages)) != len(cfg.run.stages):
         raise ConfigError(f"run.stages: a stage is listed twice: {cfg.run.stages}")
     _positive(cfg.run, "run", "checkpoint_every", "keep_checkpoints")
-    _positive(cfg.rollout, "rollout", "group_size", "max_turns", "max_context_tokens", "max_turn_tokens",
+    _positive(cfg.rollout, "rollout", "group_size", "push_attempts", "max_turns", "max_context_tokens", "max_turn_tokens",
               "max_episodes", "max_num_seqs", "episode_wall_s", "request_timeout_s")
     if cfg.rollout.max_turn_tokens >= cfg.rollout.max_context_tokens:
         raise ConfigError(f"rollout.max_turn_tokens: must be < rollout.max_context_tokens "

@@ -236,7 +236,8 @@ async def open_environment(cfg: RunConfig, policy_model: Any, tokenizer: Any, *,
         server = None
         max_len = cfg.rollout.max_context_tokens
         if cfg.rollout.endpoints:
-            llm = LLMClient(cfg.rollout.endpoints, model=None, timeout_s=cfg.rollout.request_timeout_s,
+            llm = LLMClient(cfg.rollout.endpoints, model=cfg.rollout.model_name or None,
+                            timeout_s=cfg.rollout.request_timeout_s,
                             max_model_len=max_len, seed=cfg.run.seed)
             sync_targets: list[Any] = [WeightEndpoint(u, cfg.rollout.push_backend) for u in cfg.rollout.endpoints]
         else:

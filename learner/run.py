@@ -399,6 +399,33 @@ class Run:
                                    "(press Ctrl-C again to stop at once)[/]")
                 scope.cancel()
 
+    async def _push(self, env: Environment, engine: Any, version: int) -> int:
+        """Push the weights as `version`, retrying with backoff; returns how many endpoints failed.
+
+        An endpoint that still fails after `rollout.push_attempts` stays paused (the weight sync
+        leaves it so: nothing samples stale weights under the new version) and the LLM client drains
+        it like a dead one. Only when no endpoint took the new weights does the run stop.
+        """
+        from .weight_sync import BackendUnavailable, WeightSyncError
+
+        weights = engine.full_weights()
+        for attempt in range(1, self.cfg.rollout.push_attempts + 1):
+            try:
+                await env.weight_sync.push(weights, version)
+                return 0
+            except BackendUnavailable:
+                raise
+            except WeightSyncError as exc:
+                if attempt == self.cfg.rollout.push_attempts:
+                    if not exc.updated:
+                        raise
+                    log.error("weight push v%d: %d endpoint(s) left paused after %d attempts: %s", version,
+                              len(exc.failures), attempt, exc)
+                    return len(exc.failures)
+                log.warning("weight push v%d failed (attempt %d): %s; retrying", version, attempt, exc)
+                await trio.sleep(min(30.0, 2.0 ** attempt))
+        return 0
+
     def _eval_due(self) -> bool:
         step, cfg = self.progress.step, self.cfg
         if step == 0:
@@ -442,9 +469,10 @@ class Run:
             with trio.CancelScope(shield=True):  # the step is taken: finish it whatever happens
                 if trained:
                     pushed = time.perf_counter()
-                    await env.weight_sync.push(engine.full_weights(), p.policy_version + 1)
+                    values["push/failed_endpoints"] = float(await self._push(env, engine, p.policy_version + 1))
                     p.policy_version += 1
                     values["time/push_s"] = time.perf_counter() - pushed
+                values.update({f"scheduler/{k}": float(v) for k, v in env.scheduler.counters.items()})
                 p.step += 1
                 p.stage_step += 1
                 if p.stage_step == cfg.stage_steps(stage):
