@@ -189,6 +189,25 @@ def test_state_dict_round_trip_continues_bit_identically():
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _nan_step_is_skipped(engine) -> None:
+    before = {n: w.clone() for n, w in engine.full_weights().items()}
+    steps_before = engine.steps
+    lr_before = engine.scheduler.last_epoch
+    rows = batches(num_steps=1)[0]
+    row_loss(engine, rows[0], float("nan"))  # a NaN loss: every gradient is NaN
+    got = engine.step()
+    assert got["optim/skipped"] == 1.0 and not math.isfinite(got["optim/grad_norm"])  # NaN here, inf on ZeRO
+    for n, w in engine.full_weights().items():
+        assert torch.equal(w, before[n]), n
+    assert engine.steps == steps_before and engine.scheduler.last_epoch == lr_before
+    row_loss(engine, rows[0], total_loss_tokens(rows))  # the next step is a normal one
+    assert engine.step()["optim/skipped"] == 0.0 and engine.steps == steps_before + 1
+
+
+def test_non_finite_gradient_skips_the_update():
+    _nan_step_is_skipped(make_engine(qwen(), CFG))
+
+
 def test_full_weights_drop_tied_duplicates():
     engine = make_engine(qwen(), CFG)
     weights = engine.full_weights()
@@ -277,6 +296,7 @@ def test_deepspeed_zero_matches_torch_engine_and_resumes(stage, torch_reference,
     resumed.load_state_dict(mid)
     assert train(resumed, steps[2:]) == metrics[2:]
     _assert_close_states(resumed.state_dict(), end, atol=0)
+    _nan_step_is_skipped(resumed)
     # ... and on TorchEngine (the checkpoint layout is backend-neutral)
     on_torch = make_engine(qwen(seed=5), CFG)
     on_torch.load_state_dict(mid)
@@ -290,13 +310,22 @@ sys.path.insert(0, {repo!r})
 from learner.engine import make_engine
 from tests.learner.test_engine import CFG, batches, qwen, train
 rank = int(os.environ["RANK"])
+stage = int(sys.argv[1])
 steps = batches(num_steps=3)
-engine = make_engine(qwen(seed=0), CFG, backend="deepspeed", zero_stage=int(sys.argv[1]))
+mine = lambda rows: [rows[rank]]  # one micro-batch per rank
+engine = make_engine(qwen(seed=0), CFG, backend="deepspeed", zero_stage=stage)
 assert engine.world_size == 2 and engine.rank == rank
-metrics = train(engine, steps, rows_of_rank=lambda rows: [rows[rank]])  # one micro-batch per rank
-state = engine.state_dict()  # a collective: every rank calls it
+metrics = train(engine, steps[:2], rows_of_rank=mine)
+mid = engine.state_dict()  # a collective: every rank calls it
+metrics += train(engine, steps[2:], rows_of_rank=mine)
+end = engine.state_dict()
+resumed = make_engine(qwen(seed=5), CFG, backend="deepspeed", zero_stage=stage)
+resumed.load_state_dict(mid)  # every rank loads the full state and keeps its partition
+again = train(resumed, steps[2:], rows_of_rank=mine)
 if rank == 0:
-    torch.save({{"metrics": metrics, "state": state}}, sys.argv[2])
+    torch.save({{"metrics": metrics, "state": end, "again": again, "resumed": resumed.state_dict()}}, sys.argv[2])
+else:
+    resumed.state_dict()
 """
 
 
@@ -310,7 +339,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("stage", [3])
 def test_deepspeed_two_ranks_equal_one_process(stage, tmp_path):
     """World size 2 (two processes, gloo): each rank runs half the micro-batches; the update is the
-    whole batch's, as on one process (the loss is scaled back up by the world size)."""
+    whole batch's, as on one process (the loss is scaled back up by the world size); the gathered
+    state resumes on two ranks bit-identically."""
     pytest.importorskip("deepspeed")
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(repo=str(REPO)))
@@ -341,3 +371,6 @@ def test_deepspeed_two_ranks_equal_one_process(stage, tmp_path):
         assert loss == pytest.approx(ref_loss, rel=1e-6)
         assert norm == pytest.approx(ref_norm, rel=1e-5)
     _assert_close_states(got["state"], ref.state_dict(), atol=2e-6)
+    # resumed on two ranks from the gathered state: bit-identical
+    assert got["again"] == got["metrics"][2:]
+    _assert_close_states(got["resumed"], got["state"], atol=0)
