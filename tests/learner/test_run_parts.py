@@ -111,3 +111,99 @@ def test_metrics_log_truncates_to_the_checkpoint_and_skips_torn_lines(tmp_path):
     fresh = MetricsLog.open(tmp_path, tensorboard=False)  # a fresh run starts a new file
     fresh.close()
     assert os.path.getsize(tmp_path / "metrics.jsonl") == 0
+
+
+# --- the loop's DAPO sampling and weight push, against a fake environment ---------------------------
+
+
+def _trajectory(task_id: str, reward: float, n_model: int = 3):
+    from runtime.records import FinishReason, Trajectory, Turn
+
+    return Trajectory(episode_id=f"{task_id}/{reward}", task_id=task_id, group_id=task_id, prompt_ids=[1, 2],
+                      turns=[Turn(action_ids=[5] * n_model, action_logprobs=[-1.0] * n_model, observation_ids=[7])],
+                      reward=reward, finish_reason=FinishReason.SUBMITTED, policy_version=0, resolved=reward > 0)
+
+
+class _FakeEnv:
+    """Rewards by task: tasks t0..t3 always fail (all-equal groups), the others are mixed."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def rollouts(self, groups, *, salt, policy_version, temperature=None):
+        self.calls.append([t.id for t, _, _ in groups])
+        out = []
+        for task, n, _ in groups:
+            rewards = [0.0] * n if task.id in ("t0", "t1", "t2", "t3") else [float(i % 2) for i in range(n)]
+            out.append([SimpleNamespace(trajectory=_trajectory(task.id, r)) for r in rewards])
+        return out
+
+
+def _run(overrides=()):
+    from learner.config import RunConfig, check_config  # noqa: F401
+    from learner.run import Console, Run
+    from runtime.config import load_config
+
+    cfg = load_config(RunConfig, {"rollout": {"group_size": 4}, "dapo": {"batch_groups": 2, "max_sample_rounds": 3}},
+                      list(overrides))
+    return Run(cfg, Console(quiet=True))
+
+
+async def test_dapo_drops_uninformative_groups_and_refills(monkeypatch):
+    import learner.run as run_module
+
+    trained = {}
+
+    def fake_step(engine, samples, **kwargs):
+        trained["samples"] = samples
+        return {"loss/policy": 0.0, "time/train_s": 0.0}
+
+    monkeypatch.setattr(run_module, "dapo_step", fake_step)
+    run = _run()
+    env = _FakeEnv()
+    cursor = TaskCursor(_tasks(8), seed=0)
+    first_two = [t.id for t in TaskCursor(_tasks(8), seed=0).take(2)]
+    metrics = await run.dapo_iteration(env, engine=None, cursor=cursor)
+    assert len(trained["samples"]) == 2 * 4
+    assert metrics["sampling/groups_kept"] == 2 and metrics["dapo/skipped"] == 0.0
+    # seed 0 orders the tasks t1 t7 | t2 | t4 ...: t1 and t2 always fail (dropped), so two refill rounds
+    # sample one group each until two informative groups are kept
+    assert first_two == ["t1", "t7"] and env.calls == [["t1", "t7"], ["t2"], ["t4"]]
+    assert metrics["sampling/groups_dropped"] == 2 and metrics["sampling/rounds"] == 3
+    advantages = sorted({round(s.advantage, 6) for s in trained["samples"]})
+    assert len(advantages) == 2 and advantages[0] == -advantages[1]  # group-normalised, mixed 0/1 rewards
+    assert metrics["rollout/episodes"] == 4 * sum(len(c) for c in env.calls)
+
+
+async def test_dapo_step_is_skipped_when_no_group_is_informative(monkeypatch):
+    import learner.run as run_module
+
+    monkeypatch.setattr(run_module, "dapo_step", lambda *a, **k: pytest.fail("trained on nothing"))
+    run = _run(["dapo.max_sample_rounds=2"])
+    env = _FakeEnv()
+    only_failing = [t for t in _tasks(4)]
+    metrics = await run.dapo_iteration(env, engine=None, cursor=TaskCursor(only_failing, seed=0))
+    assert metrics["dapo/skipped"] == 1.0 and metrics["sampling/rounds"] == 2 and metrics["sampling/groups_kept"] == 0
+
+
+async def test_a_weight_push_that_no_endpoint_takes_stops_the_run_and_a_partial_one_does_not(monkeypatch, autojump_clock):
+    from learner.weight_sync import RouteFailed, WeightSyncError
+
+    calls = []
+
+    class Sync:
+        def __init__(self, updated):
+            self.updated = updated
+
+        async def push(self, weights, version):
+            calls.append(version)
+            raise WeightSyncError("rejected", {"http://a": RouteFailed("http://a", "/update_weights", 400, "no")},
+                                  self.updated)
+
+    run = _run(["rollout.push_attempts=2"])
+    engine = SimpleNamespace(full_weights=lambda: {})
+    with pytest.raises(WeightSyncError):
+        await run._push(SimpleNamespace(weight_sync=Sync([])), engine, 1)
+    assert calls == [1, 1]  # retried once, then given up
+    failed = await run._push(SimpleNamespace(weight_sync=Sync(["http://b"])), engine, 2)
+    assert failed == 1
