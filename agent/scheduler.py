@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import trio
 
 from runtime.records import FinishReason, Task, Trajectory
-from runtime.wire import ConnectionLost, RpcTimeout
+from runtime.wire import ConnectionLost, NotFound, RpcTimeout
 
 from .llm.errors import BadResponse, EndpointDown, RequestTimeout
 from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompt_ids, run_episode
@@ -86,9 +86,15 @@ def _is_endpoint_error(exc: BaseException) -> bool:
     return isinstance(exc, (EndpointDown, RequestTimeout, BadResponse))
 
 
+def _is_lost_sandbox(exc: BaseException) -> bool:
+    """The node no longer knows a sandbox or snapshot we made there: it restarted (and swept them)."""
+    return isinstance(exc, NotFound) and getattr(exc, "field", None) in ("sandbox", "snapshot")
+
+
 def _is_infrastructure_error(exc: BaseException) -> bool:
     """Errors that are the infrastructure's, not the model's: the episode is retried elsewhere."""
-    return isinstance(exc, (NodeLost, ConnectionLost, RpcTimeout, OSError)) or _is_endpoint_error(exc)
+    return (isinstance(exc, (NodeLost, ConnectionLost, RpcTimeout, OSError)) or _is_endpoint_error(exc)
+            or _is_lost_sandbox(exc))
 
 
 class _Node:

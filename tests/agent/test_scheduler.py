@@ -214,3 +214,23 @@ async def test_nodes_join_and_drain_while_groups_run(tiny_tokenizer):
     assert sched.drain_node("nope") is False
     sched.add_node(n0)  # back again: taken back, not duplicated
     assert [n.name for n in sched.nodes] == ["n0", "n1"] and not sched.nodes[0].draining
+
+
+async def test_a_node_that_restarted_and_forgot_its_snapshots_requeues_not_errors(tiny_tokenizer):
+    """After `sandboxd serve` restarts, the scheduler's snapshot ids are unknown there (NotFound):
+    that is the node's loss, retried from the start, not the episode's error."""
+    node = FakeNode("n0")
+    forget = {"done": False}
+    fork = node.fork
+
+    async def fork_after_restart(snapshot, **kwargs):
+        if not forget["done"]:
+            forget["done"] = True
+            node.snapshots.clear()  # the restarted daemon swept what its predecessor made
+        return await fork(snapshot, **kwargs)
+
+    node.fork = fork_after_restart
+    sched = Scheduler([node], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, patch_grader,
+                      SchedulerConfig(node_capacity=4))
+    [group] = await sched.run_groups([(task(0), 1, "g0")])
+    assert group[0].trajectory.resolved and group[0].attempts == 2 and sched.counters["retried"] == 1
