@@ -36,7 +36,7 @@ __all__ = ["Zygote"]
 
 ZYGOTE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
 START_TIMEOUT_S = 30.0
-EMBRYO_TIMEOUT_S = 10.0  # how long spawn() waits for the zygote to deliver an embryo
+EMBRYO_TIMEOUT_S = 60.0  # how long spawn() waits for an embryo (a burst of creates on a loaded node queues)
 
 
 def _popen(child_sock: socket.socket) -> subprocess.Popen:
@@ -54,6 +54,7 @@ class Zygote:
         self._delivered = trio.lowlevel.ParkingLot()
         self._send_lock = trio.Lock()
         self.taken = 0  # embryos taken and not yet asked for again (replenish)
+        self.prepaid = 0  # embryos asked for by spawns that found none: theirs when taken, not owed again
         self.broken: str | None = None
 
     @classmethod
@@ -120,11 +121,15 @@ class Zygote:
         """Hand `cfg` and `fds` (see `_init.py`) to an embryo, which becomes an init; returns its
         host pid and a pidfd. The fds stay the caller's to close."""
         data = json.dumps(cfg).encode()
+        asked = False
         with trio.move_on_after(EMBRYO_TIMEOUT_S):
             while True:
                 while self._embryos:
                     pid, pidfd, sock = self._embryos.pop(0)
-                    self.taken += 1
+                    if self.prepaid > 0:
+                        self.prepaid -= 1  # one that a waiting spawn asked for: the pool is not short
+                    else:
+                        self.taken += 1
                     try:
                         if linux.pidfd_send_signal(pidfd, 0):  # alive: died ones are skipped
                             sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -137,7 +142,12 @@ class Zygote:
                 if self.broken:
                     raise Internal(f"sandbox zygote is gone: {self.broken}")
                 # None left alive (they died waiting, or a burst of creates took them all): ask for
-                # replacements now, or nobody would until some init is up.
+                # replacements now, and one for this spawn itself, so a burst of N creates asks for N
+                # embryos at once instead of waiting for earlier inits to come up one by one.
+                if not asked:
+                    asked = True
+                    self.taken += 1
+                    self.prepaid += 1
                 await self.replenish()
                 await self._delivered.park()
         raise Internal(f"sandbox zygote delivered no init within {EMBRYO_TIMEOUT_S} s")
