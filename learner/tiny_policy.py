@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "MIX", "WORDS", "Mix", "SFTConfig", "action_accuracy", "rename_site", "Sample", "TinyEpisode", "evaluate_policy", "generate_data", "line_mutations",
+    "MIX", "WORDS", "Mix", "SFTConfig", "action_accuracy", "copy_samples", "rename_site", "Sample", "TinyEpisode", "evaluate_policy", "generate_data", "line_mutations",
     "plan_episode", "pretrain", "summarize", "synthetic_sites", "train_tokenizer",
 ]
 
@@ -632,6 +632,31 @@ def generate_data(sites: Sequence[SiteFiles], tokenizer: Any, *, episodes_per_si
     return [s for s in out if s is not None]
 
 
+def copy_samples(sites: Sequence[SiteFiles], tokenizer: Any, n: int, *, seed: int, prefix_ids: Sequence[int]) -> list[Sample]:
+    """`n` copy warm-up samples: after `prefix_ids` (the episodes' shared system prompt), a user turn
+    shows a grep-style window of a renamed site's code and the assistant turn repeats a random run of
+    its lines verbatim (loss on the repeat). Pure induction: every name is fresh, only copying works."""
+    rng = random.Random(f"tiny-policy-copy:{seed}")
+    out = []
+    for k in range(n):
+        site = rename_site(sites[rng.randrange(len(sites))], rng)
+        lines = site.files[site.buggy_file].split("\n")
+        i = rng.randrange(max(1, len(lines) - 4))
+        window = lines[i:i + rng.randint(4, 12)]
+        shown = "\n".join(f"{site.buggy_file}{':' if j == 0 else '-'}{i + j + 1}{':' if j == 0 else '-'}{line}"
+                          for j, line in enumerate(window))
+        a = rng.randrange(len(window))
+        b = rng.randint(a + 1, len(window))
+        while a > 0 and not "".join(window[a:b]).strip():
+            a -= 1
+        copy = "\n".join(window[a:b])
+        head = list(prefix_ids) + tokenizer.encode(f"<|im_start|>user\n{shown}<|im_end|>\n<|im_start|>assistant\n"
+                                                   f"Lines {i + a + 1}-{i + b}:\n")
+        tail = tokenizer.encode(f"{copy}<|im_end|>")
+        out.append(Sample(head + tail, [0] * len(head) + [1] * len(tail), "copy", site.task_id, 1))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Supervised pre-training (SFT on the model's turns).
 
@@ -645,6 +670,13 @@ class SFTConfig:
     weight_decay: float = 0.01
     clip: float = 1.0  # gradient norm clip
     seed: int = 0
+    # Weight of the loss on the other tokens after the shared prefix (issue, observations) relative to
+    # the action tokens (1.0). Observations repeat text from earlier in the episode (every grep line
+    # repeats the path, the edit's observation repeats the grepped lines): a dense copying signal.
+    context_weight: float = 0.0
+    # Run the shared prefix through the model once per batch (`hidden_states`): faster, and equal to
+    # a plain forward (values and gradients, to rounding at the default init). Off: plain forwards.
+    shared_prefix: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_tokens"):
@@ -770,7 +802,8 @@ def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfi
         t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
-    prefix = common_prefix(samples)
+    prefix = common_prefix(samples) if config.shared_prefix else 0
+    common = common_prefix(samples)  # the system prompt: no loss on it (every episode has it)
     queue: list[list[int]] = []
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -788,11 +821,18 @@ def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfi
             attn[r, :len(s.ids)] = 1
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
+        if config.context_weight > 0:  # every real token after the shared prompt, actions weighted 1
+            weight = torch.where(mask > 0, 1.0, config.context_weight * attn.float())
+            weight[:, :common] = 0.0
+        else:
+            weight = mask
         # The LM head only where the loss is (action tokens: ~13% of an episode), not over [B, T, V].
         hidden = hidden_states(model, ids, attn, prefix)[:, :-1]  # (B, T-1, H)
-        where = mask[:, 1:] > 0  # (B, T-1): position t predicts token t+1, an action token
+        where = weight[:, 1:] > 0  # (B, T-1): position t predicts token t+1
         logits = model.lm_head(hidden[where])  # (N, V)
-        loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][where])
+        w = weight[:, 1:][where]
+        ce = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][where], reduction="none")
+        loss = (ce * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)

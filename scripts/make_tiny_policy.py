@@ -58,7 +58,7 @@ def sha256(path: Path) -> str:
 
 
 def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int, synthetic_episodes: int,
-               rename: float = 0.0):
+               rename: float = 0.0, copy_fraction: float = 0.0):
     """(tokenizer, samples, info) for `seed`; toy repositories are written under `workdir`."""
     from agent.scaffold import system_prompt
     from agent.toy import TEMPLATES, TRAIN_TEMPLATES, generate_suite
@@ -80,9 +80,14 @@ def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int,
     tokenizer = tp.train_tokenizer(corpus, vocab_size)
     samples = tp.generate_data(real, tokenizer, episodes_per_site=real_episodes, seed=seed, rename=rename)
     samples += tp.generate_data(synthetic, tokenizer, episodes_per_site=synthetic_episodes, seed=seed, rename=rename)
+    if copy_fraction > 0:  # copy warm-up samples, sharing the episodes' system-prompt prefix
+        n_copy = int(len(samples) * copy_fraction / (1 - copy_fraction))
+        samples += tp.copy_samples(real + synthetic, tokenizer, n_copy, seed=seed,
+                                   prefix_ids=samples[0].ids[:tp.common_prefix(samples)])
     info = {"real_sites": len(real), "synthetic_sites": len(synthetic), "episodes": len(samples),
             "tokens": sum(len(s.ids) for s in samples), "action_tokens": sum(sum(s.loss_mask) for s in samples),
-            "moves": dict(Counter(s.move for s in samples)), "vocab_size": len(tokenizer), "rename": rename}
+            "moves": dict(Counter(s.move for s in samples)), "vocab_size": len(tokenizer), "rename": rename,
+            "copy_fraction": copy_fraction}
     return tokenizer, samples, info
 
 
@@ -134,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rename", type=float, default=0.0, help="fraction of episodes on renamed sites (fresh names)")
     p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights (same tokenizer)")
+    p.add_argument("--copy-fraction", type=float, default=0.0, help="fraction of samples that are copy warm-ups")
+    p.add_argument("--context-weight", type=float, default=0.0,
+                   help="loss weight of non-action tokens (issue, observations) relative to actions")
     p.add_argument("--monitor", type=int, default=24, help="held-out-template episodes for the logged accuracy")
     p.add_argument("--monitor-every", type=int, default=100)
     p.add_argument("--save-partial", action="store_true", help="save <out>.partial at every monitor step")
@@ -157,15 +166,24 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tokenizer, samples, data_info = build_data(args.seed, work, vocab_size=args.vocab_size,
                                                    real_episodes=args.real_episodes,
-                                                   synthetic_episodes=args.synthetic_episodes, rename=args.rename)
+                                                   synthetic_episodes=args.synthetic_episodes, rename=args.rename,
+                                                   copy_fraction=args.copy_fraction)
         monitor = monitor_data(args.seed, work, tokenizer, args.monitor) if args.monitor else []
         _log(f"data: {json.dumps(data_info)} ({time.perf_counter() - t_start:.0f}s)")
         MODEL.update(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=3 * args.hidden)
         model = tiny_model(tokenizer, seed=args.seed, **MODEL)
+        if args.init is not None:  # warm start (e.g. a copy warm-up) built with this very tokenizer
+            from learner.tiny import load_model
+
+            init_model, init_tok = load_model(args.init)
+            if init_tok.get_vocab() != tokenizer.get_vocab():
+                raise SystemExit(f"--init {args.init}: its tokenizer differs from the one built for seed {args.seed}")
+            model.load_state_dict(init_model.state_dict())
+            _log(f"initialised from {args.init}")
         params = sum(p.numel() for p in model.parameters())
         _log(f"model: {params} parameters {MODEL}")
         sft = tp.SFTConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
-                           warmup_steps=args.warmup)
+                           warmup_steps=args.warmup, context_weight=args.context_weight)
         partial = args.out.parent / (args.out.name + ".partial")
 
         def save_partial(step: int, acc: dict) -> None:
@@ -188,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": data_info,
         "mix": dataclasses.asdict(tp.MIX),
         "sft": {**dataclasses.asdict(sft), **losses},
+        "init": str(args.init) if args.init else None,
         "episode": dataclasses.asdict(tp.TinyEpisode()),
         "evaluation": evaluation,
         "time_s": time.perf_counter() - t_start,

@@ -194,6 +194,22 @@ def test_renaming_in_the_data_is_deterministic_and_changes_every_episode(small_s
     assert {s.move for s in a} <= {"fix", "no_edit", "same_line", "other_line", "wrong_locate"}
 
 
+def test_copy_samples_repeat_lines_shown_after_the_shared_prefix(small_sites):
+    from agent.fakes import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(vocab_size=600)
+    prefix = tokenizer.encode("<|im_start|>system\nS<|im_end|>\n")
+    samples = tp.copy_samples(small_sites, tokenizer, 6, seed=0, prefix_ids=prefix)
+    assert samples == tp.copy_samples(small_sites, tokenizer, 6, seed=0, prefix_ids=prefix)
+    for sample in samples:
+        assert sample.ids[:len(prefix)] == prefix and not any(sample.loss_mask[:len(prefix)])
+        start = sample.loss_mask.index(1)
+        assert all(sample.loss_mask[start:])
+        shown = tokenizer.decode(sample.ids[:start], skip_special_tokens=False)
+        copied = tokenizer.decode(sample.ids[start:], skip_special_tokens=False).removesuffix("<|im_end|>")
+        assert all(line in shown for line in copied.split("\n"))
+
+
 def test_action_accuracy_counts_action_tokens_and_turns():
     from agent.fakes import tiny_tokenizer
     from learner.tiny import tiny_model
