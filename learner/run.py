@@ -166,13 +166,102 @@ def rollout_metrics(trajectories: list[Trajectory], prefix: str = "rollout") -> 
     return out
 
 
+# --- data-parallel ranks ----------------------------------------------------------------------------
+
+
+class Ranks:
+    """The learner's data-parallel ranks under a launcher (``deepspeed`` or ``torchrun``, which set
+    RANK and WORLD_SIZE). Rank 0 runs the loop: rollouts, rewards, evaluation, checkpoints, metrics,
+    weight pushes. Before each collective step (building a stage's engine, loading a checkpoint, a
+    training step on its share of the samples, gathering the state or the weights) it tells the other
+    ranks, which wait in `follow` and do the same. One rank: every call is a no-op."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.stopped = False
+
+    def start(self, cfg: RunConfig) -> None:
+        if self.world > 1:
+            if cfg.train.backend != "deepspeed":
+                raise ConfigError(f"train.backend: {self.world} ranks need 'deepspeed', got {cfg.train.backend!r}")
+            from .zero import init_distributed
+
+            init_distributed()
+
+    def tell(self, *message: Any) -> None:
+        if self.world > 1 and not self.stopped:
+            self.stopped = message[0] == "stop"
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([message], src=0)
+
+    def listen(self) -> tuple[Any, ...]:
+        import torch.distributed as dist
+
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shard(self, samples: list[Any]) -> list[Any]:
+        return samples[self.rank::self.world]
+
+
+def stage_engine(cfg: RunConfig, model: Any, stage: str) -> Any:
+    """The optimizer engine of `stage` (each stage starts with its own optimizer state and LR)."""
+    o = cfg.optim
+    stage_lr = {"rft": cfg.rft.lr, "dapo": cfg.dapo.lr}[stage] or o.lr
+    optim = OptimConfig(lr=stage_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
+                        grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
+    return make_engine(model, optim, backend=cfg.train.backend, zero_stage=cfg.train.zero_stage,
+                       gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+
+def _checkpoint_state(path: Path, trainer: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Engine state to load: the checkpoint's trainer state plus its model's full weights."""
+    from .tiny import load_model
+
+    model, _ = load_model(Path(path) / "model", dtype=dtype)
+    return {**trainer, "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def follow(cfg: RunConfig, ranks: Ranks) -> None:
+    """A rank other than 0: do what rank 0 says until it says stop."""
+    from .tiny import load_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    if cfg.model.torch_threads:
+        torch.set_num_threads(cfg.model.torch_threads)
+    model, _ = load_model(cfg.model.path, dtype=dtype)
+    engine = None
+    while True:
+        kind, *args = ranks.listen()
+        if kind == "engine":
+            engine = stage_engine(cfg, model, args[0])
+        elif kind == "load":
+            engine.load_state_dict(_checkpoint_state(Path(args[0]), ckpt.load(args[0]).trainer, dtype))
+        elif kind == "rft":
+            rft_step(engine, ranks.shard(args[0]), **args[1])
+        elif kind == "dapo":
+            dapo_step(engine, ranks.shard(args[0]), **args[1])
+        elif kind == "state":
+            engine.state_dict()
+        elif kind == "weights":
+            engine.full_weights()
+        elif kind == "stop":
+            return
+        else:
+            raise RuntimeError(f"rank {ranks.rank}: unknown command {kind!r} from rank 0")
+
+
 # --- the run ---------------------------------------------------------------------------------------
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, console: Console) -> None:
+    def __init__(self, cfg: RunConfig, console: Console, ranks: Ranks | None = None) -> None:
         self.cfg = cfg
         self.console = console
+        self.ranks = ranks or Ranks()
         self.out = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.stop_requested = False
@@ -209,12 +298,8 @@ class Run:
         return model, tokenizer, checkpoint.trainer
 
     def _engine(self, model: Any, stage: str) -> Any:
-        o = self.cfg.optim
-        stage_lr = {"rft": self.cfg.rft.lr, "dapo": self.cfg.dapo.lr}[stage] or o.lr
-        optim = OptimConfig(lr=stage_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
-                            grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
-        return make_engine(model, optim, backend=self.cfg.train.backend, zero_stage=self.cfg.train.zero_stage,
-                           gradient_checkpointing=self.cfg.train.gradient_checkpointing)
+        self.ranks.tell("engine", stage)
+        return stage_engine(self.cfg, model, stage)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -223,6 +308,7 @@ class Run:
         self.progress.cursor = cursor.state()
         state = {**self.progress.to_json(), "rng": ckpt.capture_rng(),
                  "stage": self.cfg.run.stages[min(self.progress.stage_index, len(self.cfg.run.stages) - 1)]}
+        self.ranks.tell("state")
         ckpt.save(self.ckpt_dir, step=self.progress.step, model=model, tokenizer=tokenizer,
                   engine_state=engine.state_dict(), state=state, keep=self.cfg.run.keep_checkpoints)
         self.last_saved_step = self.progress.step
@@ -271,10 +357,9 @@ class Run:
         if not samples or sum(s.num_loss_tokens for s in samples) == 0:
             metrics["rft/skipped"] = 1.0
             return metrics
+        options = {"micro_batch_tokens": self.cfg.train.micro_batch_tokens, "chunk_size": self.cfg.train.logprob_chunk}
         for _ in range(cfg.epochs):
-            train = await trio.to_thread.run_sync(lambda: rft_step(
-                engine, samples, micro_batch_tokens=self.cfg.train.micro_batch_tokens,
-                chunk_size=self.cfg.train.logprob_chunk))
+            train = await trio.to_thread.run_sync(lambda: self._train(rft_step, "rft", engine, samples, options))
             metrics = {**metrics, **{k: v for k, v in train.items() if k != "time/train_s"},
                        "time/train_s": metrics.get("time/train_s", 0.0) + train["time/train_s"]}
         metrics["rft/skipped"] = 0.0
@@ -314,13 +399,18 @@ class Run:
         if not samples:
             metrics["dapo/skipped"] = 1.0
             return metrics
-        train = await trio.to_thread.run_sync(lambda: dapo_step(
-            engine, samples, micro_batch_tokens=self.cfg.train.micro_batch_tokens,
-            chunk_size=self.cfg.train.logprob_chunk, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-            updates=cfg.updates, tis_cap=cfg.tis_cap or None))
+        options = {"micro_batch_tokens": self.cfg.train.micro_batch_tokens, "chunk_size": self.cfg.train.logprob_chunk,
+                   "eps_low": cfg.eps_low, "eps_high": cfg.eps_high, "updates": cfg.updates,
+                   "tis_cap": cfg.tis_cap or None}
+        train = await trio.to_thread.run_sync(lambda: self._train(dapo_step, "dapo", engine, samples, options))
         metrics.update(train)
         metrics["dapo/skipped"] = 0.0
         return metrics
+
+    def _train(self, step: Any, kind: str, engine: Any, samples: list[Any], options: dict[str, Any]) -> dict[str, float]:
+        """One training step; with several ranks, each takes its share of the samples."""
+        self.ranks.tell(kind, samples, options)
+        return step(engine, self.ranks.shard(samples), **options)
 
     def _shaped_reward(self, trajectory: Trajectory) -> float:
         cfg = self.cfg.dapo
@@ -362,6 +452,7 @@ class Run:
         self.progress.engine_stage = min(self.progress.stage_index, len(stages) - 1) if trainer_state is None \
             else self.progress.engine_stage
         if trainer_state is not None and self.progress.engine_stage == self.progress.stage_index:
+            self.ranks.tell("load", str(resume_from))
             engine.load_state_dict({**trainer_state, "model": {k: v.detach().clone() for k, v in model.state_dict().items()}})
         try:
             async with open_environment(cfg, model, tokenizer, policy_version=self.progress.policy_version,
@@ -408,6 +499,7 @@ class Run:
         """
         from .weight_sync import BackendUnavailable, WeightSyncError
 
+        self.ranks.tell("weights")
         weights = engine.full_weights()
         for attempt in range(1, self.cfg.rollout.push_attempts + 1):
             try:
@@ -575,9 +667,17 @@ def _choose_resume(cfg: RunConfig, mode: str, console: Console) -> Path | None:
 
 def run(cfg: RunConfig, *, resume: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the configured stages (see the module docstring); returns the summary."""
-    console = Console(quiet=quiet)
-    resume_from = _choose_resume(cfg, resume or cfg.run.resume, console)
-    return trio.run(Run(cfg, console).main, resume_from)
+    ranks = Ranks()
+    ranks.start(cfg)
+    if ranks.rank != 0:
+        follow(cfg, ranks)
+        return {}
+    try:
+        console = Console(quiet=quiet)
+        resume_from = _choose_resume(cfg, resume or cfg.run.resume, console)
+        return trio.run(Run(cfg, console, ranks).main, resume_from)
+    finally:
+        ranks.tell("stop")  # whatever happened here, the other ranks stop waiting
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -609,7 +709,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     except ConfigError as exc:
         raise SystemExit(f"learner.run: {exc}") from None
-    print(json.dumps({"run": "learner", **summary}))
+    if summary:  # rank 0 (the other ranks have nothing to report)
+        print(json.dumps({"run": "learner", **summary}))
 
 
 if __name__ == "__main__":

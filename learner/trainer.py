@@ -81,9 +81,49 @@ def _token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size:
     return token_logprobs(hidden, weight, targets, chunk_size=chunk_size)
 
 
-def _split(rows: Sequence[PackedRow], parts: int) -> list[list[PackedRow]]:
-    """Rows into `parts` consecutive mini-batches of about equal loss tokens (each non-empty)."""
+def _world(engine: Any) -> int:
+    return int(getattr(engine, "world_size", 1))
+
+
+def _equalize(engine: Any, rows: list[PackedRow], pad_id: int) -> list[PackedRow]:
+    """Under data parallelism every rank must run as many forward/backward passes per step (ZeRO's
+    collectives run inside them): pad this rank's rows with loss-free ones up to the largest count."""
+    if _world(engine) == 1:
+        return rows
+    import torch.distributed as dist
+
+    count = torch.tensor([len(rows)], dtype=torch.long)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    filler = pack([Sample([pad_id, pad_id], [0, 0], [0.0, 0.0], 0.0)], 2, pad_id=pad_id)[0]
+    return rows + [filler] * (int(count.item()) - len(rows))
+
+
+def _gather_metrics(engine: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """Merge every rank's metrics (their means are already over the global token count)."""
+    if _world(engine) == 1:
+        return metrics
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * _world(engine)
+    dist.all_gather_object(everyone, metrics)
+    merged: dict[str, float] = {}
+    for part in everyone:
+        merged = merge_metrics(merged, part)
+    return merged
+
+
+def _anchor(hidden: Tensor, head: list[Tensor]) -> Tensor:
+    """0, attached to every parameter: a row without loss tokens (a rank's padding) still gives every
+    parameter a (zero) gradient, so data-parallel gradient reduction sees the same tensors on every rank."""
+    return (hidden.sum() + head[0].sum()) * 0.0
+
+
+def _split(rows: Sequence[PackedRow], parts: int, *, by_count: bool = False) -> list[list[PackedRow]]:
+    """Rows into `parts` consecutive mini-batches of about equal loss tokens (each non-empty); with
+    `by_count`, of equal row counts (what several ranks must agree on)."""
     parts = max(1, min(parts, len(rows)))
+    if by_count:
+        return [list(rows[i * len(rows) // parts:(i + 1) * len(rows) // parts]) for i in range(parts)]
     total = total_loss_tokens(rows)
     out: list[list[PackedRow]] = [[]]
     seen = 0
@@ -107,11 +147,11 @@ def dapo_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int
               eps_low: float = 0.2, eps_high: float = 0.28, updates: int = 1, tis_cap: float | None = None,
               pad_id: int = 0) -> dict[str, float]:
     """DAPO on `samples` (advantages already set): `updates` optimizer steps; merged metrics."""
-    if not samples:
+    if not samples and _world(engine) == 1:  # a rank of many may hold none: it pads and takes part
         raise ValueError("dapo_step: no samples (every group was dropped or filtered)")
     started = time.perf_counter()
     model = engine.model
-    rows = pack(samples, micro_batch_tokens, pad_id=pad_id)
+    rows = _equalize(engine, pack(samples, micro_batch_tokens, pad_id=pad_id) if samples else [], pad_id)
     model.train()
     old: list[Tensor] | None = None
     head = [_base_and_head(model)[1]]
@@ -124,7 +164,7 @@ def dapo_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int
                     old.append(head_logprobs(model, hidden, r, chunk_size=chunk_size)[0])
     metrics: dict[str, float] = {}
     index = {id(r): i for i, r in enumerate(rows)}
-    parts = _split(rows, updates)
+    parts = _split(rows, updates, by_count=_world(engine) > 1)
     for part in parts:
         num_tokens = engine.global_sum(total_loss_tokens(part))  # the batch's, over every rank
         part_metrics: dict[str, float] = {}
@@ -136,8 +176,9 @@ def dapo_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int
                 loss, m = dapo_loss(logp, row_old, row.advantages, row.loss_mask, num_tokens=num_tokens,
                                     eps_low=eps_low, eps_high=eps_high, sampler_logprobs=row.sampler_logprobs,
                                     tis_cap=tis_cap, entropies=ent)
-                engine.backward(loss)
+                engine.backward(loss + _anchor(hidden, head))
             part_metrics = merge_metrics(part_metrics, m)
+        part_metrics = _gather_metrics(engine, part_metrics)
         part_metrics.update(engine.step())
         # means over mini-batches (each is already a mean over its own tokens), maxima kept, counts added
         for name, value in part_metrics.items():
@@ -155,11 +196,11 @@ def dapo_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int
 def rft_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int, chunk_size: int = 1024,
              pad_id: int = 0) -> dict[str, float]:
     """One SFT optimizer step on the model tokens of `samples` (resolved trajectories)."""
-    if not samples:
+    if not samples and _world(engine) == 1:
         raise ValueError("rft_step: no samples (no trajectory was resolved)")
     started = time.perf_counter()
     model = engine.model
-    rows = pack(samples, micro_batch_tokens, pad_id=pad_id)
+    rows = _equalize(engine, pack(samples, micro_batch_tokens, pad_id=pad_id) if samples else [], pad_id)
     num_tokens = engine.global_sum(total_loss_tokens(rows))
     if num_tokens == 0:
         raise ValueError("rft_step: the resolved trajectories have no model tokens")
@@ -171,9 +212,10 @@ def rft_step(engine: Any, samples: Sequence[Sample], *, micro_batch_tokens: int,
         with engine.gathered(head):
             logp, ent = head_logprobs(model, hidden, row, chunk_size=chunk_size)
             loss, m = sft_loss(logp, row.loss_mask, num_tokens=num_tokens)
-            engine.backward(loss)
+            engine.backward(loss + _anchor(hidden, head))
         m["policy/entropy"] = float((ent.detach() * row.loss_mask).sum() / num_tokens)
         metrics = merge_metrics(metrics, m)
+    metrics = _gather_metrics(engine, metrics)
     metrics.update(engine.step())
     model.eval()
     return _finish(metrics, rows, started)

@@ -35,6 +35,7 @@ import contextlib
 import math
 import os
 import socket
+from datetime import timedelta
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -70,7 +71,10 @@ def init_distributed() -> None:
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(_free_port())}.items():
             os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend=backend)
+    # The learner's other ranks wait in a broadcast while rank 0 samples and evaluates: a collective
+    # may legitimately wait for a whole rollout phase (DeepSpeed's default is 10 minutes).
+    timeout_s = float(os.environ.get("SWE_DAPO_DIST_TIMEOUT_S", 6 * 3600))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def deepspeed_config(optim: OptimConfig, zero_stage: int, *, bf16: bool) -> dict[str, Any]:

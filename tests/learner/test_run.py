@@ -214,3 +214,29 @@ def test_resume_must_fails_clearly_without_checkpoint(setup):
     proc = _run(_config(setup, "nothing"), "--resume")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "no complete checkpoint" in err and "Traceback" not in err
+
+
+def test_two_ranks_under_torchrun_train_like_one(uninterrupted, setup):
+    """`torchrun --nproc_per_node 2 -m learner.run ...` with DeepSpeed ZeRO-2 on CPU (gloo): rank 0 runs
+    the loop, each rank trains on half of every batch; the first step equals the one-process step."""
+    pytest.importorskip("deepspeed")
+    straight_dir, _ = uninterrupted
+    config = _config(setup, "ranks")
+    port = __import__("socket").socket()
+    port.bind(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free), str(ROOT / "tests/learner/run_driver.py"), str(config),
+                           "train.backend=deepspeed", "train.zero_stage=2", "--quiet", "--fresh"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summary) == 1 and summary[0]["steps"] == 4  # only rank 0 reports
+    one, two = _training_records(straight_dir), _training_records(setup / "ranks")
+    assert [(r["step"], r["stage"]) for r in one] == [(r["step"], r["stage"]) for r in two]
+    first = next(i for i, r in enumerate(one) if r.get("dapo/skipped") == 0.0)
+    for key in ("loss/policy", "tokens/model", "rollout/reward_mean", "policy/entropy"):
+        assert two[first][key] == pytest.approx(one[first][key], rel=1e-5, abs=1e-6), key
+    assert two[first]["optim/grad_norm"] == pytest.approx(one[first]["optim/grad_norm"], rel=1e-4)
