@@ -689,6 +689,7 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--resume", action="store_true", help="resume; fail when there is no checkpoint")
     group.add_argument("--ask", action="store_true", help="ask whether to resume when a checkpoint exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_intermixed_args(argv)  # options may come between overrides
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides were given
