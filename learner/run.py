@@ -458,7 +458,7 @@ class Run:
             async with open_environment(cfg, model, tokenizer, policy_version=self.progress.policy_version,
                                         state_dir=self.out / "sandboxes", on_result=on_result) as env:
                 if cfg.rollout.endpoints and resume_from is not None:  # external servers: serve the checkpoint
-                    await env.weight_sync.push(engine.full_weights(), self.progress.policy_version)
+                    await self._push(env, engine, self.progress.policy_version)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     try:
