@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "MIX", "WORDS", "Mix", "SFTConfig", "action_accuracy", "copy_samples", "rename_site", "Sample", "TinyEpisode", "evaluate_policy", "generate_data", "line_mutations",
+    "MIX", "WORDS", "Mix", "SFTConfig", "action_accuracy", "copy_samples", "induction_warmup", "rename_site", "Sample", "TinyEpisode", "evaluate_policy", "generate_data", "line_mutations",
     "plan_episode", "pretrain", "summarize", "synthetic_sites", "train_tokenizer",
 ]
 
@@ -773,6 +773,43 @@ def action_accuracy(model: Any, samples: Sequence[Sample], batch: int = 8) -> di
         model.train()
     return {"token_acc": right / max(1, total), "short_turn_exact": exact["short"][0] / max(1, exact["short"][1]),
             "long_turn_exact": exact["long"][0] / max(1, exact["long"][1])}
+
+
+def induction_warmup(model: Any, steps: int, *, lr: float = 2e-3, rows: int = 32, seed: int = 0,
+                     log: Any = None) -> dict[str, float]:
+    """Pre-train `model` to copy: rows of [random prefix (0-64 tokens), x, x] with x random tokens
+    (8-40), loss on the repeat only. Lengths and offsets vary, so only content-based copying
+    (induction heads) lowers the loss, not a fixed relative position. Measured on this 1M-parameter
+    Qwen2 (hidden 128, 4 layers, vocab 2048, 2 CPU threads, ~0.45 s/step): the loss sits at
+    ln(V) for ~1200 steps, then drops: repeat accuracy 0.58 at step 1300, 0.99 at 1500."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(f"tiny-policy-induction:{seed}")
+    vocab = model.config.vocab_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    model.train()
+    t0 = time.perf_counter()
+    acc = 0.0
+    for step in range(steps):
+        k, p = rng.randint(8, 40), rng.randint(0, 64)
+        x = torch.randint(3, vocab, (rows, k), generator=gen)
+        ids = torch.cat([torch.randint(3, vocab, (rows, p), generator=gen), x, x], 1)
+        logits = model(ids).logits
+        pred, gold = logits[:, p + k:-1], ids[:, p + k + 1:]
+        loss = torch.nn.functional.cross_entropy(pred.reshape(-1, vocab), gold.reshape(-1))
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 30)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        acc = (pred.argmax(-1) == gold).float().mean().item()
+        if log is not None and (step % 100 == 0 or step == steps - 1):
+            log(f"induction step {step + 1}/{steps} loss {loss.item():.3f} repeat acc {acc:.3f} "
+                f"{time.perf_counter() - t0:.0f}s")
+    model.eval()
+    return {"induction_steps": float(steps), "induction_final_acc": acc, "induction_s": time.perf_counter() - t0}
 
 
 def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfig(), *,

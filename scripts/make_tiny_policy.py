@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rename", type=float, default=0.0, help="fraction of episodes on renamed sites (fresh names)")
     p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--induction-steps", type=int, default=0,
+                   help="random-repeat copy pre-training steps before the SFT (induction heads form at ~1200-1500)")
     p.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights (same tokenizer)")
     p.add_argument("--copy-fraction", type=float, default=0.0, help="fraction of samples that are copy warm-ups")
     p.add_argument("--context-weight", type=float, default=0.0,
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--init {args.init}: its tokenizer differs from the one built for seed {args.seed}")
             model.load_state_dict(init_model.state_dict())
             _log(f"initialised from {args.init}")
+        induction = tp.induction_warmup(model, args.induction_steps, seed=args.seed, log=_log) \
+            if args.induction_steps else {}
         params = sum(p.numel() for p in model.parameters())
         _log(f"model: {params} parameters {MODEL}")
         sft = tp.SFTConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "mix": dataclasses.asdict(tp.MIX),
         "sft": {**dataclasses.asdict(sft), **losses},
         "init": str(args.init) if args.init else None,
+        "induction": induction,
         "episode": dataclasses.asdict(tp.TinyEpisode()),
         "evaluation": evaluation,
         "time_s": time.perf_counter() - t_start,

@@ -243,3 +243,12 @@ def test_shared_prefix_forward_equals_a_plain_forward():
         plain, shared = tp.hidden_states(model, ids, attn, 0), tp.hidden_states(model, ids, attn, 40)
     assert torch.allclose(plain * attn[..., None], shared * attn[..., None], atol=1e-4)
     assert not torch.allclose(plain, tp.hidden_states(model, ids.roll(1, dims=1), attn, 0), atol=1e-3)
+
+
+def test_induction_warmup_runs_and_reports():
+    from agent.fakes import tiny_tokenizer
+    from learner.tiny import tiny_model
+
+    model = tiny_model(tiny_tokenizer(vocab_size=600))
+    out = tp.induction_warmup(model, 3, rows=4)
+    assert out["induction_steps"] == 3.0 and 0.0 <= out["induction_final_acc"] <= 1.0 and not model.training
