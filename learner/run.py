@@ -206,6 +206,16 @@ class Ranks:
     def shard(self, samples: list[Any]) -> list[Any]:
         return samples[self.rank::self.world]
 
+    def close(self) -> None:
+        """Leave the process group before exiting: a gloo group still alive when the interpreter tears
+        down aborts the process ("terminate called without an active exception")."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
 
 def stage_engine(cfg: RunConfig, model: Any, stage: str) -> Any:
     """The optimizer engine of `stage` (each stage starts with its own optimizer state and LR)."""
@@ -671,13 +681,16 @@ def run(cfg: RunConfig, *, resume: str | None = None, quiet: bool = False) -> di
     ranks.start(cfg)
     if ranks.rank != 0:
         follow(cfg, ranks)
+        ranks.close()
         return {}
     try:
         console = Console(quiet=quiet)
         resume_from = _choose_resume(cfg, resume or cfg.run.resume, console)
-        return trio.run(Run(cfg, console, ranks).main, resume_from)
+        summary = trio.run(Run(cfg, console, ranks).main, resume_from)
     finally:
         ranks.tell("stop")  # whatever happened here, the other ranks stop waiting
+    ranks.close()
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
