@@ -28,7 +28,7 @@ Processes are found through their environment: every command gets SANDBOXD_EXEC=
 crash kill the whole tree (`kill_process_tree`). A process that clears its environment (env -i)
 is still caught on timeout while it descends from the command, but not by restore or destroy.
 
-Also here, shared with the podman runtime: `kill_process_tree`, `git_diff`, `Reaper`.
+Also here, shared with the podman runtime: `kill_process_tree`, `Reaper`.
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 import trio
 
 from sandboxd import files
-from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size, check_write
+from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size
 from sandboxd.errors import BadRequest, Internal, LimitExceeded, NotFound
-from sandboxd.execs import git_diff_command, git_diff_result
+from sandboxd.fileapi import FileCalls
 from sandboxd.layers import parse_image
-from sandboxd.ns import (DEFAULT_ENV, MAX_FILE_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_S, OUTPUT_DRAIN_S, DirEntry,
+from sandboxd.ns import (DEFAULT_ENV, MAX_FILE_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_S, OUTPUT_DRAIN_S,
                          ExecResult, Limits)
 from sandboxd.output import OutputCap
 
-__all__ = ["DirRuntime", "open_dir_runtime", "kill_process_tree", "marked_processes", "git_diff", "Reaper", "state_key",
+__all__ = ["DirRuntime", "open_dir_runtime", "kill_process_tree", "marked_processes", "Reaper", "state_key",
            "MARKER_VAR"]
 
 log = logging.getLogger("sandboxd.dir")
@@ -148,13 +148,6 @@ def _kill_pass(roots: set[int], marker: str | None, max_rounds: int = 100) -> in
 
 # The model's patch: everything at workdir against base_commit, untracked files included, through
 # a temporary index so that the repository's own index is left alone (as in ns.py).
-async def git_diff(runtime, sandbox_id: str, base_commit: str, timeout_s: float) -> str:
-    """`git diff` through `runtime.exec`: the same command and errors as NsRuntime.diff."""
-    argv, env = git_diff_command(base_commit)
-    res = await runtime.exec(sandbox_id, argv, timeout_s=timeout_s, env=env, max_output_bytes=MAX_OUTPUT_BYTES)
-    return git_diff_result(res, base_commit)
-
-
 # ---------------------------------------------------------------- background deletions (shared)
 
 class Reaper:
@@ -270,7 +263,7 @@ class _Sandbox:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class DirRuntime:
+class DirRuntime(FileCalls):
     """Sandboxes as plain directories, NO isolation. Use `open_dir_runtime()`; same interface as
     NsRuntime. Ids: sandboxes `sb-...`, snapshots `sn-...`."""
 
@@ -567,30 +560,6 @@ class DirRuntime:
         async with sb.lock:
             return await trio.to_thread.run_sync(run)
 
-    async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-        sb = self._sandbox(sandbox_id)
-        max_bytes = check_size(max_bytes, "max_bytes", MAX_FILE_BYTES)
-        return await self._with_root(sb, files.read_file, path, sb.workdir, max_bytes)
-
-    async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int = 0o644,
-                         parents: bool = True) -> None:
-        sb = self._sandbox(sandbox_id)
-        check_write(data, mode, MAX_FILE_BYTES)
-        await self._with_root(sb, files.write_file, path, sb.workdir, bytes(data), mode, bool(parents))
-
-    async def list_dir(self, sandbox_id: str, path: str = ".", *, max_entries: int = 10000
-                       ) -> tuple[list[DirEntry], bool]:
-        """Entries sorted by name, and whether there were more than max_entries."""
-        sb = self._sandbox(sandbox_id)
-        max_entries = check_size(max_entries, "max_entries", 1_000_000)
-        return await self._with_root(sb, files.list_dir, path, sb.workdir, max_entries)
-
-    # ------------------------------------------------------------ diff, stats
-
-    async def diff(self, sandbox_id: str, base_commit: str, *, timeout_s: float = 120.0) -> str:
-        """`git diff` of the repository at workdir against base_commit, untracked files included."""
-        self._sandbox(sandbox_id)
-        return await git_diff(self, sandbox_id, base_commit, timeout_s)
 
     async def sandbox_stats(self, sandbox_id: str) -> dict:
         sb = self._sandbox(sandbox_id)

@@ -49,10 +49,11 @@ import trio
 
 from sandboxd import files, linux, roots
 from sandboxd.cgroups import CgroupLimits, Cgroups, SandboxCgroup, detect
-from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size, check_write
-from sandboxd.errors import BadRequest, Internal, LimitExceeded, NotFound
+from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size
+from sandboxd.errors import BadRequest, Internal, NotFound
 from sandboxd.execs import (DEFAULT_ENV, MAX_OUTPUT_BYTES, MAX_TIMEOUT_S, OUTPUT_DRAIN_S,  # noqa: F401
-                            ExecRequest, ExecResult, git_diff_command, git_diff_result, start_exec)
+                            ExecRequest, ExecResult, start_exec)
+from sandboxd.fileapi import MAX_FILE_BYTES, FileCalls  # noqa: F401 (MAX_FILE_BYTES: re-exported)
 from sandboxd.initchan import InitCall, InitChannel
 from sandboxd.layers import Layer, LayerStore, overlay_options
 from sandboxd.mounter import MountThread
@@ -69,7 +70,6 @@ _check_argv, _check_env, _check_id, _check_number, _check_size = (check_argv, ch
 
 DirEntry = files.DirEntry
 
-MAX_FILE_BYTES = 64 << 20  # one read_file / write_file / stdin
 START_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 10.0  # destroy: how long init's namespace may take to die after SIGKILL
 SPARE_UPPERS = 2  # empty uppers kept ready per disk size
@@ -130,7 +130,7 @@ class _Sandbox:
         return f"/proc/{self.init_pid}/root/r{self.generation}"
 
 
-class NsRuntime:
+class NsRuntime(FileCalls):
     """Sandboxes on this machine. Use `open_ns_runtime()`; every method is a trio coroutine
     except `stats()`. Ids are strings: sandboxes `sb-...`, snapshots `sn-...`."""
 
@@ -476,33 +476,6 @@ class NsRuntime:
             await self._settle(sb)
             return await trio.to_thread.run_sync(run)
 
-    async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-        sb = self._sandbox(sandbox_id)
-        max_bytes = check_size(max_bytes, "max_bytes", MAX_FILE_BYTES)
-        return await self._with_root(sb, files.read_file, path, sb.workdir, max_bytes)
-
-    async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int = 0o644,
-                         parents: bool = True) -> None:
-        sb = self._sandbox(sandbox_id)
-        check_write(data, mode, MAX_FILE_BYTES)
-        await self._with_root(sb, files.write_file, path, sb.workdir, bytes(data), mode, bool(parents))
-
-    async def list_dir(self, sandbox_id: str, path: str = ".", *, max_entries: int = 10000
-                       ) -> tuple[list[DirEntry], bool]:
-        """Entries sorted by name, and whether there were more than max_entries."""
-        sb = self._sandbox(sandbox_id)
-        max_entries = check_size(max_entries, "max_entries", 1_000_000)
-        return await self._with_root(sb, files.list_dir, path, sb.workdir, max_entries)
-
-    # ------------------------------------------------------------ diff, stats
-
-    async def diff(self, sandbox_id: str, base_commit: str, *, timeout_s: float = 120.0) -> str:
-        """`git diff` of the repository at workdir against base_commit, untracked files included
-        (the model's patch). The repository's own index is left untouched."""
-        sb = self._sandbox(sandbox_id)
-        argv, env = git_diff_command(base_commit)
-        res = await self.exec(sb.id, argv, timeout_s=timeout_s, env=env, max_output_bytes=MAX_OUTPUT_BYTES)
-        return git_diff_result(res, base_commit)
 
     async def sandbox_stats(self, sandbox_id: str) -> dict:
         sb = self._sandbox(sandbox_id)

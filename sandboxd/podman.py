@@ -64,11 +64,12 @@ import trio
 from podman.api import stream_frames
 
 from sandboxd import files, linux, podman_setup
-from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size, check_write
-from sandboxd.dirrt import MARKER_VAR, Reaper, git_diff, kill_process_tree, state_key
+from sandboxd.checks import check_argv, check_env, check_id, check_number, check_size
+from sandboxd.dirrt import MARKER_VAR, Reaper, kill_process_tree, state_key
 from sandboxd.errors import BadRequest, Internal, LimitExceeded, NotFound, SandboxError
+from sandboxd.fileapi import FileCalls
 from sandboxd.layers import parse_image
-from sandboxd.ns import (DEFAULT_ENV, MAX_FILE_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_S, DirEntry, ExecResult,
+from sandboxd.ns import (DEFAULT_ENV, MAX_FILE_BYTES, MAX_OUTPUT_BYTES, MAX_TIMEOUT_S, ExecResult,
                          Limits)
 from sandboxd.output import OutputCap
 
@@ -170,7 +171,7 @@ def _api_error(exc: Exception, what: str) -> SandboxError:
     return Internal(f"podman: {what}: {getattr(exc, 'explanation', None) or exc}")
 
 
-class PodmanRuntime:
+class PodmanRuntime(FileCalls):
     """Sandboxes as podman containers. Use `open_podman_runtime()`; every method is a trio
     coroutine except `stats()`. Ids: sandboxes `sb-...`, snapshots `sn-...`."""
 
@@ -648,31 +649,6 @@ class PodmanRuntime:
         async with sb.lock:
             return await trio.to_thread.run_sync(run)
 
-    async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-        sb = self._sandbox(sandbox_id)
-        max_bytes = check_size(max_bytes, "max_bytes", MAX_FILE_BYTES)
-        return await self._with_root(sb, files.read_file, path, sb.workdir, max_bytes)
-
-    async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int = 0o644,
-                         parents: bool = True) -> None:
-        sb = self._sandbox(sandbox_id)
-        check_write(data, mode, MAX_FILE_BYTES)
-        await self._with_root(sb, files.write_file, path, sb.workdir, bytes(data), mode, bool(parents))
-
-    async def list_dir(self, sandbox_id: str, path: str = ".", *, max_entries: int = 10000
-                       ) -> tuple[list[DirEntry], bool]:
-        """Entries sorted by name, and whether there were more than max_entries."""
-        sb = self._sandbox(sandbox_id)
-        max_entries = check_size(max_entries, "max_entries", 1_000_000)
-        return await self._with_root(sb, files.list_dir, path, sb.workdir, max_entries)
-
-    # ------------------------------------------------------------ diff, stats
-
-    async def diff(self, sandbox_id: str, base_commit: str, *, timeout_s: float = 120.0) -> str:
-        """`git diff` of the repository at workdir against base_commit, untracked files included
-        (the model's patch). The repository's own index is left untouched."""
-        self._sandbox(sandbox_id)
-        return await git_diff(self, sandbox_id, base_commit, timeout_s)
 
     async def sandbox_stats(self, sandbox_id: str) -> dict:
         sb = self._sandbox(sandbox_id)
