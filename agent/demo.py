@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,28 +25,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
-
-
-def _start_daemon(root: Path) -> tuple[subprocess.Popen, str]:
-    sock = root / "sandboxd.sock"
-    def die_with_the_demo() -> None:  # even when the demo is killed before its cleanup runs
-        from sandboxd import linux
-
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    proc = subprocess.Popen([sys.executable, "-m", "sandboxd", "serve", "--root", str(root / "state"),
-                             "--listen", f"unix:{sock}", "--log-level", "WARNING"], stderr=subprocess.PIPE, text=True,
-                            preexec_fn=die_with_the_demo)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        match = re.match(r"sandboxd: serving on (\S+)", line)
-        if match:
-            return proc, match.group(1)
-    proc.kill()
-    raise SystemExit(f"sandboxd did not start: {proc.stderr.read()}")
 
 
 async def _run(workdir: Path, daemon_address: str, n_tasks: int, group: int) -> dict:
@@ -118,12 +92,14 @@ def main() -> None:
     out = Path(os.environ.get("SWE_DAPO_DEMO_DIR") or tempfile.mkdtemp(prefix="swe-dapo-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]swe-dapo demo[/]: {n_tasks} held-out toy tasks x {group} rollouts, sandboxd + oracle endpoint; output in {out}")
-    daemon, address = _start_daemon(out)
+    from sandboxd.launch import start_daemon
+
+    daemon = start_daemon(str(out / "state"), [f"unix:{out / 'sandboxd.sock'}"], log_level="WARNING",
+                          die_with_parent=True, timeout_s=60)
     try:
-        results = trio.run(_run, out, address, n_tasks, group)
+        results = trio.run(_run, out, daemon.addresses[0], n_tasks, group)
     finally:
-        daemon.terminate()
-        daemon.wait(30)
+        daemon.stop()
     table = Table(title="Rollouts on held-out toy tasks (real sandboxes, SWE-bench grading)")
     for col in ("policy", "episodes", "solve rate", "mean turns", "episodes/min", "errors"):
         table.add_column(col)

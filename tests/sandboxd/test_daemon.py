@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import trio
@@ -17,7 +14,7 @@ import trio
 from runtime.wire import BadRequest, NotFound, Unauthorized
 from sandboxd.client import connect, open_local
 
-from .conftest import needs_root
+from .conftest import needs_root, start_daemon as launch
 
 pytestmark = needs_root
 
@@ -81,21 +78,8 @@ async def test_in_process_mode(git_repo):
 
 
 def start_daemon(root: str, sock: str, token_file: str) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sandboxd", "serve", "--root", root, "--listen", f"unix:{sock}",
-         "--listen", "tcp://127.0.0.1:0", "--token-file", token_file, "--log-level", "WARNING"],
-        stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        match = re.match(r"sandboxd: serving on (.*)", line)
-        if match:
-            return proc, match.group(1).split()
-    proc.kill()
-    raise AssertionError(f"daemon did not start: {proc.stderr.read()}")
+    daemon = launch(root, [f"unix:{sock}", "tcp://127.0.0.1:0"], token_file=token_file, log_level="WARNING")
+    return daemon.proc, daemon.addresses
 
 
 def sandbox_processes(root: str) -> list[int]:
