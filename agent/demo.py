@@ -1,4 +1,4 @@
-"""The embedded-default demo (`make demo`) until the learner lands: the whole rollout path, for real.
+"""The embedded-default demo (`make demo`) until the tiny policy ships: the whole rollout path, for real.
 
 1. generates held-out toy tasks (small Python repositories with a seeded bug each);
 2. starts `sandboxd serve` in its own process (ns runtime, private Unix socket);
@@ -8,7 +8,7 @@
    baseline;
 5. prints a table, the daemon's restore/exec latencies, and writes the HTML trajectory viewer.
 
-`python -m learner.run` replaces this once the learner exists.
+`python -m learner.run` replaces this once the tiny policy it starts from is shipped.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def main() -> None:
         lat.add_row(name, str(h["count"]), str(h["p50_ms"]), str(h["p99_ms"]))
     console.print(lat)
     console.print(f"Trajectory viewer: {results['viewer']}")
-    console.print("Training (RFT then DAPO, python -m learner.run) replaces this demo when the learner lands.")
+    console.print("Training (RFT then DAPO, python -m learner.run) replaces this demo once the tiny policy it starts "
+                  "from is shipped (scripts/make_tiny_policy.py).")
     print(json.dumps({"demo": "rollouts", **{k: v for k, v in results.items() if k in ("oracle", "no-fix policy")}}))
 
 
