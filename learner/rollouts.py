@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trio
 
 from agent.grading import grade
 from agent.rewards import apply_format_penalty, count_format_errors, similarity_reward
@@ -266,5 +265,3 @@ async def open_environment(cfg: RunConfig, policy_model: Any, tokenizer: Any, *,
                               reward_fn=make_reward_fn(cfg), on_result=on_result)
         yield Environment(scheduler, policy, weight_sync, server,
                           list(cfg.rollout.endpoints) or ["embedded"])
-        # the exit stack closes the scheduler's clients, the server and the sandboxes
-        await trio.lowlevel.checkpoint()

@@ -130,10 +130,6 @@ class Console:
         self._solved += bool(resolved)
         self._progress.update(self._bar, advance=1, note=f"resolved {self._solved}/{self._done}")
 
-    def grow(self, extra: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._bar, total=self._progress.tasks[0].total + extra)
-
     def end_phase(self) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -331,7 +327,8 @@ class Run:
         self.console.start_phase(label, len(tasks) * group)
         try:
             return await env.rollouts([(t, group, f"{salt}/{i}:{t.id}") for i, t in enumerate(tasks)], salt=salt,
-                                      policy_version=self.progress.policy_version, temperature=temperature)
+                                      policy_version=self.progress.policy_version,
+                                      temperature=self.cfg.rollout.temperature if temperature is None else temperature)
         finally:
             self.console.end_phase()
 
@@ -341,7 +338,6 @@ class Run:
         started = time.perf_counter()
         groups = await self.rollouts(env, tasks, cfg.samples, salt=f"eval:{tag}", label=f"eval ({tag})",
                                      temperature=cfg.temperature)
-        env.policy.new_round("", temperature=self.cfg.rollout.temperature)
         trajectories = [r.trajectory for g in groups for r in g]
         from agent.evaluate import summarize
 
@@ -456,12 +452,12 @@ class Run:
             store.append(result.trajectory)
             self.console.episode_done(bool(result.trajectory.resolved))
 
-        stages = cfg.run.stages
-        self.engine = engine = self._engine(model, stages[min(self.progress.engine_stage if trainer_state is not None
-                                                              else self.progress.stage_index, len(stages) - 1)])
-        self.progress.engine_stage = min(self.progress.stage_index, len(stages) - 1) if trainer_state is None \
-            else self.progress.engine_stage
-        if trainer_state is not None and self.progress.engine_stage == self.progress.stage_index:
+        stages, p = cfg.run.stages, self.progress
+        if p.engine_stage != p.stage_index and p.stage_index < len(stages):
+            # the checkpoint closed a stage: the next one starts with a fresh optimizer
+            p.engine_stage, trainer_state = p.stage_index, None
+        self.engine = engine = self._engine(model, stages[min(p.engine_stage, len(stages) - 1)])
+        if trainer_state is not None and p.stage_index < len(stages):
             self.ranks.tell("load", str(resume_from))
             engine.load_state_dict({**trainer_state, "model": {k: v.detach().clone() for k, v in model.state_dict().items()}})
         try:
