@@ -23,7 +23,7 @@ from runtime.wire import ConnectionLost, NotFound
 from .llm.errors import EndpointDown
 from .workspace import ExecResult
 
-__all__ = ["CHATML_TEMPLATE", "CallablePolicy", "EndpointDown", "FakeNode", "FakeSandbox", "ScriptedPolicy", "TurnReply",
+__all__ = ["CHATML_TEMPLATE", "CallablePolicy", "chatml_bpe", "EndpointDown", "FakeNode", "FakeSandbox", "ScriptedPolicy", "TurnReply",
            "fake_latency", "tiny_tokenizer"]
 
 CHATML_TEMPLATE = (
@@ -32,12 +32,12 @@ CHATML_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = 800) -> Any:
-    """A small byte-level BPE with a ChatML template, trained in about a second (no hub download)."""
+def chatml_bpe(corpus: Sequence[str], vocab_size: int) -> Any:
+    """A byte-level BPE trained on `corpus`, wrapped as a `PreTrainedTokenizerFast` with a ChatML
+    template (`<|im_end|>` ends a turn, `<|endoftext|>` pads). Byte-level: every string round-trips.
+    Deterministic for a corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from .scaffold import system_prompt
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,12 +45,19 @@ def tiny_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = 800) -> A
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [system_prompt(), "def add(a, b):\n    return a + b\n",
-              "<function=bash>\n<parameter=command>ls</parameter>\n</function>", *extra_corpus]
-    tok.train_from_iterator(corpus * 20, trainer)
+    tok.train_from_iterator(list(corpus), trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     hf.chat_template = CHATML_TEMPLATE
     return hf
+
+
+def tiny_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = 800) -> Any:
+    """A small byte-level BPE with a ChatML template, trained in about a second (no hub download)."""
+    from .scaffold import system_prompt
+
+    corpus = [system_prompt(), "def add(a, b):\n    return a + b\n",
+              "<function=bash>\n<parameter=command>ls</parameter>\n</function>", *extra_corpus]
+    return chatml_bpe(corpus * 20, vocab_size)
 
 
 class _Alarms:

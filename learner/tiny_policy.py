@@ -50,10 +50,6 @@ __all__ = [
     "plan_episode", "pretrain", "summarize", "synthetic_sites", "train_tokenizer",
 ]
 
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 GREP_CONTEXT_LINES = 8  # -A of the locate step: every toy bug line is within 8 lines of its `def`
 
 
@@ -66,20 +62,9 @@ def train_tokenizer(corpus: Sequence[str], vocab_size: int = 2048) -> Any:
 
     Byte-level: every string round-trips, held-out code included. Deterministic for a corpus.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from agent.fakes import chatml_bpe
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(corpus), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 bos_token=None)
-    hf.chat_template = CHATML_TEMPLATE
-    return hf
+    return chatml_bpe(corpus, vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------
