@@ -72,13 +72,11 @@ def load_task_set(spec: str, workdir: Path) -> list[Task]:
 
 
 async def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     from sandboxd.client import connect, open_local
 
     from .grading import grade
     from .llm import LLMClient
-    from .scaffold import EpisodeConfig
+    from .scaffold import EpisodeConfig, load_tokenizer
     from .scheduler import Scheduler, SchedulerConfig
     from .viewer import EpisodeView, write_viewer
 
@@ -89,7 +87,7 @@ async def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         tasks = tasks[: args.limit]
     if not tasks:
         raise SystemExit(f"--tasks {args.tasks}: no tasks")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     config = SchedulerConfig(max_episodes=args.concurrency, node_capacity=args.concurrency, grade_timeout_s=args.grade_timeout_s,
                              episode=EpisodeConfig(max_turns=args.max_turns, max_context_tokens=args.max_context_tokens,

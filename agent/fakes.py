@@ -32,15 +32,20 @@ CHATML_TEMPLATE = (
 )
 
 
-def chatml_bpe(corpus: Sequence[str], vocab_size: int) -> Any:
+def chatml_bpe(corpus: Sequence[str], vocab_size: int, *, split_words: bool = True) -> Any:
     """A byte-level BPE trained on `corpus`, wrapped as a `PreTrainedTokenizerFast` with a ChatML
     template (`<|im_end|>` ends a turn, `<|endoftext|>` pads). Byte-level: every string round-trips.
-    Deterministic for a corpus."""
+    Deterministic for a corpus.
+
+    `split_words`: merges stay inside words (GPT-2's pre-tokenisation regex), as in general-purpose
+    tokenizers. False: merges may cross spaces and punctuation, so frequent phrases of the corpus
+    (whole code lines of a small domain) become a few tokens; text outside the corpus still encodes,
+    in smaller pieces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],

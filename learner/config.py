@@ -77,6 +77,11 @@ class TasksConfig:
     toy_seed: int = 2026  # the toy suite's generator seed
     toy_train: int = 48  # toy train tasks generated
     toy_heldout: int = 24  # toy held-out tasks generated
+    # What the toy held-out tasks are. "templates": tasks of the held-out templates, whose code no
+    # training task has (the strict split, for models that can read and edit unseen code).
+    # "instances": unseen instances of the train templates' bugs, from another generator seed: other
+    # package names, issue texts and difficulty levels, never a training task's issue text.
+    toy_heldout_from: Literal["templates", "instances"] = "templates"
     eval_source: str = ""  # task file for evaluation when source is a file ("" : no evaluation)
     workdir: Path | None = None  # where toy repositories are written (None: <out_dir>/tasks)
 

@@ -41,6 +41,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -591,6 +592,9 @@ class Run:
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(self.summary, indent=1, sort_keys=True))
         os.replace(tmp, self.out / "summary.json")
+        self.console.print(final_table(list(read_metrics(metrics.path)), cfg.run.stages, cfg.eval.samples))
+        self.console.print(f"Results in {self.out}: learning_curves.png, viewer/before and viewer/after (HTML), "
+                           f"metrics.jsonl; TensorBoard: tensorboard --logdir {self.out / 'tensorboard'}")
 
     def _report(self, stage: str, values: dict[str, float]) -> None:
         p = self.progress
@@ -636,6 +640,34 @@ class Run:
             out["before"] = evals[0].get("eval/solve_rate") if evals[0]["step"] == 0 else None
             out["after"] = evals[-1].get("eval/solve_rate")
         return out
+
+
+def final_table(records: list[dict[str, Any]], stages: Sequence[str], samples: int) -> Any:
+    """The held-out evaluations of a run as a rich table: one row per evaluation, labelled by the stage
+    that had just ended ("before", "after rft", ...)."""
+    from rich.table import Table
+
+    ends, end = {}, 0
+    for stage in stages:
+        end += sum(1 for r in records if r.get("stage") == stage)
+        ends.setdefault(end, stage)
+    table = Table(title=f"Held-out evaluation ({samples} samples per task)")
+    for name in ("when", "step", "solve rate", f"pass@{samples}", "reward", "format errors", "tokens out"):
+        table.add_column(name, justify="left" if name == "when" else "right", no_wrap=True)
+    for r in records:
+        if r.get("stage") != "eval":
+            continue
+        label = "before training" if r["step"] == 0 else f"after {ends[r['step']].upper()}" if r["step"] in ends \
+            else f"during {next((s for e, s in sorted(ends.items()) if e > r['step']), '').upper()}"
+
+        def cell(key: str, fmt: str) -> str:
+            v = r.get(key)
+            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+        table.add_row(label, str(r["step"]), cell("eval/solve_rate", ".1%"), cell(f"eval/pass@{samples}", ".1%"),
+                      cell("eval/reward_mean", "+.3f"), cell("eval/format_errors_mean", ".2f"),
+                      cell("eval/response_tokens_mean", ".0f"))
+    return table
 
 
 # --- entry point -----------------------------------------------------------------------------------

@@ -100,9 +100,11 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str]) -
 def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer) from a directory written by `save_model` or any HF checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from agent.scaffold import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model.eval(), tokenizer
 

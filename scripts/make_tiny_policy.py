@@ -58,7 +58,7 @@ def sha256(path: Path) -> str:
 
 
 def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int, synthetic_episodes: int,
-               rename: float = 0.0, copy_fraction: float = 0.0):
+               rename: float = 0.0, copy_fraction: float = 0.0, mix=None, split_words: bool = True):
     """(tokenizer, samples, info) for `seed`; toy repositories are written under `workdir`."""
     from agent.scaffold import system_prompt
     from agent.toy import TEMPLATES, TRAIN_TEMPLATES, generate_suite
@@ -77,9 +77,15 @@ def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int,
     renamed = [tp.rename_site(s, random.Random(f"tok:{i}")) for i, s in enumerate(real + synthetic)]
     corpus += [s.issue for s in renamed] + [s.files[s.buggy_file] for s in renamed]
     corpus += [" ".join(tp.WORDS)] * 20
-    tokenizer = tp.train_tokenizer(corpus, vocab_size)
-    samples = tp.generate_data(real, tokenizer, episodes_per_site=real_episodes, seed=seed, rename=rename)
-    samples += tp.generate_data(synthetic, tokenizer, episodes_per_site=synthetic_episodes, seed=seed, rename=rename)
+    if not split_words:  # the code lines themselves must be frequent for cross-word merges to form
+        for name in TRAIN_TEMPLATES:
+            corpus += list(TEMPLATES[name].modules.values()) * 10
+    tokenizer = tp.train_tokenizer(corpus, vocab_size, split_words=split_words)
+    mix = mix or tp.MIX
+    samples = tp.generate_data(real, tokenizer, episodes_per_site=real_episodes, seed=seed, rename=rename, mix=mix)
+    if synthetic_episodes:
+        samples += tp.generate_data(synthetic, tokenizer, episodes_per_site=synthetic_episodes, seed=seed,
+                                    rename=rename, mix=mix)
     if copy_fraction > 0:  # copy warm-up samples, sharing the episodes' system-prompt prefix
         n_copy = int(len(samples) * copy_fraction / (1 - copy_fraction))
         samples += tp.copy_samples(real + synthetic, tokenizer, n_copy, seed=seed,
@@ -91,13 +97,15 @@ def build_data(seed: int, workdir: Path, *, vocab_size: int, real_episodes: int,
     return tokenizer, samples, info
 
 
-def monitor_data(seed: int, workdir: Path, tokenizer, n: int):
-    """Correct-fix episodes of held-out-template toy tasks: only for the accuracy logged during the
-    SFT (never trained on, never seen by the tokenizer)."""
+def monitor_data(seed: int, workdir: Path, tokenizer, n: int, source: str = "templates"):
+    """Correct-fix episodes only for the accuracy logged during the SFT, never trained on: of the
+    held-out templates (`source` "templates": code never seen by the model or the tokenizer), or
+    unseen instances of the train templates' bugs ("instances": another generator seed)."""
     from agent.toy import generate_suite
     from learner import tiny_policy as tp
 
-    tasks = generate_suite(seed + 104729, 0, n, workdir / "monitor-suite", python="python3")
+    n_train, n_heldout = (0, n) if source == "templates" else (n, 0)
+    tasks = generate_suite(seed + 104729, n_train, n_heldout, workdir / "monitor-suite", python="python3")
     fix_only = tp.Mix(wrong_locate=0.0, same_line_wrong=0.0, other_line_wrong=0.0, no_edit=0.0)
     return tp.generate_data(tp.real_sites(tasks), tokenizer, episodes_per_site=1, seed=seed, mix=fix_only)
 
@@ -131,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("learner/assets/tiny-policy"))
     p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--line-merges", action="store_true",
+                   help="tokenizer merges may cross words (code lines of the corpus become a few tokens)")
     p.add_argument("--real-episodes", type=int, default=8, help="mixture episodes per real train task")
+    p.add_argument("--mix", default="", help="moves of the data, e.g. wrong_locate=0.15,no_edit=0.2 "
+                   "(fields of tiny_policy.Mix; the rest of the edit step is the correct fix)")
     p.add_argument("--synthetic-episodes", type=int, default=3, help="mixture episodes per synthetic site")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-tokens", type=int, default=8192)
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-weight", type=float, default=0.0,
                    help="loss weight of non-action tokens (issue, observations) relative to actions")
     p.add_argument("--monitor", type=int, default=24, help="held-out-template episodes for the logged accuracy")
+    p.add_argument("--monitor-from", choices=["templates", "instances"], default="templates",
+                   help="monitor episodes of the held-out templates, or unseen instances of the train templates")
     p.add_argument("--monitor-every", type=int, default=100)
     p.add_argument("--save-partial", action="store_true", help="save <out>.partial at every monitor step")
     p.add_argument("--hidden", type=int, default=MODEL["hidden_size"])
@@ -163,14 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     from learner.tiny import save_model, tiny_model
 
     torch.set_num_threads(args.threads)
+    try:
+        mix = tp.Mix(**{k: float(v) for k, v in (kv.split("=", 1) for kv in args.mix.split(",") if kv)})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--mix {args.mix!r}: {e}") from None
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="make-tiny-policy-") as tmp:
         work = Path(tmp)
         tokenizer, samples, data_info = build_data(args.seed, work, vocab_size=args.vocab_size,
                                                    real_episodes=args.real_episodes,
                                                    synthetic_episodes=args.synthetic_episodes, rename=args.rename,
-                                                   copy_fraction=args.copy_fraction)
-        monitor = monitor_data(args.seed, work, tokenizer, args.monitor) if args.monitor else []
+                                                   copy_fraction=args.copy_fraction, mix=mix,
+                                                   split_words=not args.line_merges)
+        monitor = monitor_data(args.seed, work, tokenizer, args.monitor, args.monitor_from) if args.monitor else []
         _log(f"data: {json.dumps(data_info)} ({time.perf_counter() - t_start:.0f}s)")
         MODEL.update(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=3 * args.hidden)
         model = tiny_model(tokenizer, seed=args.seed, **MODEL)
@@ -208,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "model": {**MODEL, "vocab_size": len(tokenizer), "parameters": params},
         "data": data_info,
-        "mix": dataclasses.asdict(tp.MIX),
+        "mix": dataclasses.asdict(mix),
         "sft": {**dataclasses.asdict(sft), **losses},
         "init": str(args.init) if args.init else None,
         "induction": induction,

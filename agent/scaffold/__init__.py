@@ -1,6 +1,6 @@
 """The agent scaffold: prompts, tool-call parsing, tools, token-exact episodes."""
 
-from .chat import ChatFormat, Tokenizer
+from .chat import ChatFormat, Tokenizer, load_tokenizer
 from .episode import Completion, EpisodeConfig, Sampler, build_prompt_ids, run_episode
 from .parsing import STOP_SEQUENCES, TOOL_SPECS, FormatError, ToolCall, parse_tool_call
 from .prompts import system_prompt, task_prompt
@@ -20,6 +20,7 @@ __all__ = [
     "Tools",
     "build_prompt_ids",
     "cap_text",
+    "load_tokenizer",
     "parse_tool_call",
     "run_episode",
     "system_prompt",

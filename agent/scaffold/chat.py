@@ -13,7 +13,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["ChatFormat", "TextCodec", "Tokenizer"]
+__all__ = ["ChatFormat", "TextCodec", "Tokenizer", "load_tokenizer"]
 
 _A = "\u00a7ASSISTANT\u00a7"
 _O = "\u00a7OBSERVATION\u00a7"
@@ -28,6 +28,36 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
     def convert_tokens_to_ids(self, tokens: str) -> int: ...
+
+
+def load_tokenizer(path: str | Any) -> Any:
+    """A Hugging Face tokenizer from a directory or hub id, encoding exactly as its ``tokenizer.json``.
+
+    transformers 5 builds the class of the model type (``Qwen2Tokenizer`` next to a qwen2
+    ``config.json``) and gives it that family's pre-tokenisation, replacing the file's: a tokenizer
+    trained with other splitting (the shipped tiny policy's merges cross words) then encodes
+    differently from the ids its model was trained on. When the loaded pre-tokenizer differs from the
+    file's, the file's tokenizer is loaded as is (`PreTrainedTokenizerFast`). Real Qwen checkpoints
+    carry the family's own pre-tokenizer, so they load unchanged.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    file = Path(str(path)) / "tokenizer.json"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not file.is_file():
+        return tokenizer
+    wanted = json.loads(file.read_text(encoding="utf-8")).get("pre_tokenizer")
+    loaded = json.loads(backend.to_str()).get("pre_tokenizer")
+    if wanted == loaded:
+        return tokenizer
+    faithful = PreTrainedTokenizerFast.from_pretrained(path)
+    if getattr(tokenizer, "chat_template", None) and not getattr(faithful, "chat_template", None):
+        faithful.chat_template = tokenizer.chat_template
+    return faithful
 
 
 @dataclass(frozen=True)

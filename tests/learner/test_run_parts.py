@@ -207,3 +207,27 @@ async def test_a_weight_push_that_no_endpoint_takes_stops_the_run_and_a_partial_
     assert calls == [1, 1]  # retried once, then given up
     failed = await run._push(SimpleNamespace(weight_sync=Sync(["http://b"])), engine, 2)
     assert failed == 1
+
+
+@pytest.mark.parametrize("heldout_from", ["templates", "instances"])
+def test_toy_task_sets_hold_out_templates_or_unseen_instances(tmp_path, heldout_from):
+    from agent.toy import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+    from learner.config import load_run_config
+    from learner.rollouts import load_task_sets
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # the loader never reads the model
+    cfg = load_run_config(None, [f"model.path={tmp_path / 'model'}", "tasks.toy_train=6", "tasks.toy_heldout=4", f"tasks.toy_heldout_from={heldout_from}",
+                                 f"tasks.workdir={tmp_path}"])
+    train, heldout = load_task_sets(cfg, tmp_path)
+    assert len(train) == 6 and len(heldout) == 4
+    assert {t.split for t in train} == {"train"} and {t.split for t in heldout} == {"heldout"}
+    assert {t.metadata["template"] for t in train} <= set(TRAIN_TEMPLATES)
+    held_templates = {t.metadata["template"] for t in heldout}
+    assert held_templates <= set(HELDOUT_TEMPLATES if heldout_from == "templates" else TRAIN_TEMPLATES)
+    assert not {t.id for t in train} & {t.id for t in heldout}
+    assert not {t.problem_statement for t in train} & {t.problem_statement for t in heldout}
+    # reused, not regenerated: the same tasks on a second call
+    again_train, again_heldout = load_task_sets(cfg, tmp_path)
+    assert [t.id for t in again_train] == [t.id for t in train]
+    assert [t.to_dict() for t in again_heldout] == [t.to_dict() for t in heldout]

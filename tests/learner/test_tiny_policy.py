@@ -43,7 +43,26 @@ def test_provenance_matches_the_files(shipped, provenance):
     assert sum(p.numel() for p in model.parameters()) == provenance["model"]["parameters"]
     assert len(tokenizer) == provenance["model"]["vocab_size"] == model.config.vocab_size
     assert isinstance(provenance["seed"], int) and "make_tiny_policy.py" in provenance["command"]
+    # the check of the build: unseen instances of the train templates' bugs solved sometimes, not always
+    check = provenance["evaluation"]["train"]
+    assert 0.05 <= check["solve_rate"] <= 0.6 and check["mixed_groups"] >= 0.3
     assert 0.0 <= provenance["evaluation"]["heldout"]["solve_rate"] <= 1.0
+
+
+@needs_asset
+def test_shipped_tokenizer_loads_with_the_pre_tokenizer_it_was_trained_with():
+    """transformers 5 gives a qwen2 directory Qwen2's word-splitting regex; the shipped tokenizer's merges
+    cross words, so loading must keep the file's pre-tokenizer (`agent.scaffold.load_tokenizer`)."""
+    from tokenizers import Tokenizer
+
+    from agent.scaffold import load_tokenizer
+
+    raw = Tokenizer.from_file(str(ASSET / "tokenizer.json"))
+    line = "        return self.balance() - self.overdraft"
+    tok = load_tokenizer(ASSET)
+    assert tok.encode(line, add_special_tokens=False) == raw.encode(line).ids
+    assert len(raw.encode(line).ids) <= 8  # a code line of the toy suite is a few tokens
+    assert tok.chat_template and tok.convert_tokens_to_ids("<|im_end|>") == raw.token_to_id("<|im_end|>")
 
 
 @needs_asset
@@ -67,12 +86,12 @@ def test_tokenizer_round_trips_scaffold_text_and_has_the_chat_framing(shipped):
 
 @needs_asset
 def test_model_greps_the_function_an_issue_names(shipped, tmp_path):
-    """Greedy first turn on a held-out toy task: a well-formed bash call that greps the named function."""
+    """Greedy first turn on an unseen toy task: a well-formed bash call that greps the named function."""
     from agent.scaffold import build_prompt_ids, parse_tool_call
     from agent.toy import generate_suite
 
     model, tokenizer = shipped
-    task = next(t for t in generate_suite(11, 0, 6, tmp_path / "toy") if t.metadata["difficulty"] == 1)
+    task = next(t for t in generate_suite(11, 6, 0, tmp_path / "toy") if t.metadata["difficulty"] == 1)
     ids = build_prompt_ids(tokenizer, task)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     with torch.inference_mode():
