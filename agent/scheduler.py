@@ -12,16 +12,30 @@ policy's count of episodes per endpoint, by which it spreads new ones, is of tho
 limits (`EpisodeConfig`). A lost sandbox node or a dead endpoint requeues the episode from its start, on
 another node or endpoint, up to `max_attempts`; after that the episode finishes with `error`. Every
 requested episode yields exactly one trajectory: none lost, none duplicated.
+
+One trio loop runs a few thousand turns per second of CPU (tool parsing, token bookkeeping, records);
+past that, `ShardedScheduler` runs the episodes over worker processes, each with its own trio loop and
+`Scheduler`, with the same run_group/run_groups/on_result surface and the same guarantees.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
+import inspect
+import itertools
+import json
 import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+import traceback
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,7 +48,8 @@ from .llm.errors import BadResponse, EndpointDown, RequestTimeout
 from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompt_ids, run_episode
 from .scaffold.chat import TextCodec
 
-__all__ = ["Grader", "NodeLost", "Policy", "RolloutResult", "Scheduler", "SchedulerConfig", "relaxed_gc", "task_workdir"]
+__all__ = ["Grader", "NodeLost", "Policy", "RolloutResult", "Scheduler", "SchedulerConfig", "ShardedScheduler",
+           "relaxed_gc", "task_workdir"]
 
 log = logging.getLogger("swe_dapo.scheduler")
 
@@ -413,3 +428,520 @@ class Scheduler:
         return {**self.counters, "nodes": {n.name: {"healthy": n.healthy, "draining": n.draining, "failures": n.failures,
                                                      "in_use": n.limiter.borrowed_tokens} for n in self.nodes},
                 "time": time.time()}
+
+
+# -- episodes sharded over worker processes ---------------------------------------------------------
+#
+# Parent and worker speak length-prefixed pickle frames over the worker's stdin and stdout (both ends
+# are this module, started by the parent). Parent -> worker: ("init", factory, kwargs, shard, shards),
+# then ("run", [(item, task, episode_id, group_id, policy_version), ...]) any number of times, then
+# ("close",): the worker finishes what it was given, sends the last results and exits. End of file
+# without ("close",) means the parent is gone: the worker cancels its episodes and exits.
+# Worker -> parent: ("ready", pid) or ("error", text) once, then ("results", [(item, result, error), ...],
+# stats) as episodes finish. Trusted peers only: pickle runs code on load.
+
+_FRAME = struct.Struct(">I")
+_MAX_FRAME = (1 << 32) - 1
+_RESULTS_PER_FRAME = 64  # a frame in flight is a bounded chunk of work for either side
+_WORKER_PATH_ENV = "SWE_DAPO_SHARD_SYS_PATH"
+_WORKER_BOOT = ("import json, os, sys; "
+                f"sys.path[:0] = [p for p in json.loads(os.environ.pop({_WORKER_PATH_ENV!r}, '[]')) if p not in sys.path]; "
+                "from agent.scheduler import _shard_worker_main; _shard_worker_main()")
+
+
+def _frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) > _MAX_FRAME:
+        raise ValueError(f"a shard frame of {len(payload)} bytes is over the {_MAX_FRAME}-byte limit")
+    return _FRAME.pack(len(payload)) + payload
+
+
+_READ_CHUNK = 1 << 16  # a 1 MiB read costs a fresh mmap of 1 MiB per call, most of it unused
+
+
+def _widen_pipe(stream: Any) -> None:
+    """Linux: a 1 MiB pipe buffer, so a frame of results crosses in a few reads, not dozens."""
+    fileno = getattr(stream, "fileno", None)
+    if fileno is not None and sys.platform.startswith("linux"):
+        try:
+            import fcntl
+
+            fcntl.fcntl(fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+        except (OSError, ValueError, ImportError):
+            pass  # over /proc/sys/fs/pipe-max-size for this user: the default size works, more slowly
+
+
+class _FrameReader:
+    """Reads `_frame`s from a trio receive stream; None at a clean end of stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def read(self) -> Any:
+        buf = self.buf
+        while True:
+            if len(buf) >= _FRAME.size:
+                (n,) = _FRAME.unpack_from(buf)
+                end = _FRAME.size + n
+                if len(buf) >= end:
+                    with memoryview(buf) as view, view[_FRAME.size:end] as payload:
+                        message = pickle.loads(payload)
+                    del buf[:end]
+                    return message
+            chunk = await self.stream.receive_some(_READ_CHUNK)
+            if not chunk:
+                if buf:
+                    raise EOFError(f"stream ended inside a frame ({len(buf)} bytes buffered)")
+                return None
+            buf += chunk
+
+
+def _resolve_factory(factory: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(factory):
+        return factory
+    module, _, attr = factory.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"ShardedScheduler.factory: {factory!r} is not callable")
+    return obj
+
+
+def _check_factory(factory: Any) -> None:
+    """A clear error now, in the parent, rather than a worker that cannot start."""
+    if isinstance(factory, str):
+        module, sep, attr = factory.partition(":")
+        if not (module and sep and attr) or not all(p.isidentifier() for p in (*module.split("."), *attr.split("."))):
+            raise ValueError(f"ShardedScheduler.factory: expected 'package.module:function', got {factory!r}")
+        return
+    if not callable(factory):
+        raise TypeError(f"ShardedScheduler.factory: expected 'package.module:function' or a callable, got {type(factory).__name__}")
+    if getattr(factory, "__module__", None) == "__main__":
+        raise ValueError("ShardedScheduler.factory: a function of __main__ cannot be imported by a worker process; "
+                         "name it as 'package.module:function'")
+    try:
+        pickle.dumps(factory)
+    except Exception as exc:
+        raise ValueError(f"ShardedScheduler.factory: a worker process cannot receive it ({exc}); "
+                         "use a module-level function, 'package.module:function'") from None
+
+
+async def _open_sharded(stack: AsyncExitStack, factory: Any, kwargs: Mapping[str, Any], shard: int, shards: int) -> Scheduler:
+    made = _resolve_factory(factory)(shard, shards, **kwargs)
+    if inspect.isawaitable(made):
+        made = await made
+    if hasattr(made, "__aenter__"):
+        made = await stack.enter_async_context(made)
+    if not isinstance(made, Scheduler):
+        raise TypeError(f"ShardedScheduler.factory: must give a Scheduler (or an awaitable or async context "
+                        f"manager of one), gave {type(made).__name__}")
+    return made
+
+
+def _shard_worker_main() -> None:
+    """Entry point of a worker process (see `ShardedScheduler`): the protocol on fds 0 and 1."""
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    os.dup2(2, 1)  # what the factory or a library prints goes to stderr, never into the protocol
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    trio.run(_shard_worker, proto_in, proto_out)
+
+
+async def _shard_worker(fd_in: int, fd_out: int) -> None:
+    reader = _FrameReader(trio.lowlevel.FdStream(fd_in))
+    out = trio.lowlevel.FdStream(fd_out)
+    _widen_pipe(out)
+    cpu0 = time.process_time()
+    init = await reader.read()
+    if init is None:
+        return
+    _, factory, kwargs, shard, shards = init
+    async with AsyncExitStack() as stack:
+        try:
+            sched = await _open_sharded(stack, factory, kwargs, shard, shards)
+        except Exception:
+            await out.send_all(_frame(("error", traceback.format_exc())))
+            return
+        await out.send_all(_frame(("ready", os.getpid())))
+        finished: list[tuple[int, RolloutResult | None, str | None]] = []
+        wake = trio.Event()
+        closing = False
+
+        def stats() -> dict[str, Any]:
+            return {**sched.counters, "cpu_s": round(time.process_time() - cpu0, 3), "pid": os.getpid()}
+
+        def encode(batch: list[tuple[int, RolloutResult | None, str | None]]) -> bytes:
+            try:
+                return _frame(("results", batch, stats()))
+            except Exception:  # one result that does not pickle must not lose the others
+                kept = []
+                for item, result, error in batch:
+                    try:
+                        pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+                        kept.append((item, result, error))
+                    except Exception as exc:
+                        kept.append((item, None, f"result could not be sent from the shard worker: {type(exc).__name__}: {exc}"))
+                return _frame(("results", kept, stats()))
+
+        async def sender() -> None:
+            nonlocal wake
+            while True:
+                await wake.wait()
+                wake = trio.Event()
+                while finished:
+                    batch = finished[:_RESULTS_PER_FRAME]
+                    del finished[:_RESULTS_PER_FRAME]
+                    await out.send_all(encode(batch))
+                if closing:
+                    return
+
+        async def one(item: int, task: Task, episode_id: str, group_id: str, policy_version: int) -> None:
+            try:
+                result = await sched.rollout(task, episode_id=episode_id, group_id=group_id, policy_version=policy_version)
+                finished.append((item, result, None))
+            except Exception as exc:  # on_result of the factory's scheduler failed: this episode's, not the worker's
+                log.exception("episode %s failed in shard %d", episode_id, shard)
+                finished.append((item, None, f"{type(exc).__name__}: {exc}"))
+            wake.set()
+
+        # The worker lives for its rollouts: the relaxed GC threshold holds for its whole life, so a
+        # batch's records, freed by refcount once sent, never pile up into one full collection.
+        with relaxed_gc(sched.config.gc_threshold), trio.CancelScope() as serving:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                async with trio.open_nursery() as episodes:
+                    while True:
+                        message = await reader.read()
+                        if message is None:  # the parent is gone: nobody will read what we would send
+                            serving.cancel()
+                            return
+                        if message[0] == "close":
+                            break
+                        if message[0] == "run":
+                            for entry in message[1]:
+                                episodes.start_soon(one, *entry)
+                closing = True  # every episode given has finished: send the rest and end
+                wake.set()
+
+
+@dataclass(eq=False)
+class _ShardItem:
+    """One requested episode, until its one result is delivered."""
+
+    key: int
+    task: Task
+    episode_id: str
+    group_id: str
+    policy_version: int
+    deliver: Callable[[RolloutResult], None]
+    tries: int = 0  # worker processes it was given to
+
+
+class _ShardWorker:
+    def __init__(self, index: int, process: Any) -> None:
+        self.index = index
+        self.process = process
+        self.reader = _FrameReader(process.stdout)
+        self.send_lock = trio.Lock()
+        self.items: dict[int, _ShardItem] = {}  # given to this worker, no result yet
+        self.alive = True
+        self.stats: dict[str, Any] = {}
+
+    async def send(self, message: Any) -> None:
+        data = _frame(message)
+        async with self.send_lock:
+            await self.process.stdin.send_all(data)
+
+
+class ShardedScheduler:
+    """Episodes sharded over `workers` processes, each running its own trio loop and `Scheduler`.
+
+    One trio loop spends tens of microseconds of CPU per turn (parsing the call, running the tool,
+    token bookkeeping, the records), so a single process tops out at a few thousand turns a second:
+    with 4,096 episodes at 200 ms of policy latency it is CPU-bound. Each worker builds its own
+    `Scheduler` by calling ``factory(shard, shards, **factory_kwargs)``; `factory` is a
+    ``"package.module:function"`` string or an importable module-level function, and may return the
+    `Scheduler`, an awaitable of one, or an async context manager yielding one (to open an
+    `agent.llm.LLMClient` for the worker's lifetime). Limits are per worker: a factory shares out
+    `max_episodes`, per-node capacity and per-endpoint in-flight limits by `shards`.
+
+    Same surface as `Scheduler`: `run_group`, `run_groups` (results in input order), `on_result`
+    (called in this process as results arrive), `counters`, `stats()`. A group's rollouts run in one
+    worker (they fork one snapshot of the task's environment there); groups go to the least loaded
+    worker. Inside a worker the scheduler retries node and endpoint failures as usual; a worker process
+    that dies is replaced and its unfinished episodes are rerun from their start in the replacement, up
+    to `max_attempts` workers per episode, after which they finish with `error`. Every requested episode
+    yields exactly one result: none lost, none duplicated.
+
+    Use as ``async with ShardedScheduler(...) as sched:``; the workers start on entry (importing the
+    factory's modules takes seconds, so keep the pool across iterations) and stop on exit. A cancelled
+    `run_groups` leaves its episodes running in the workers; their results still go to `on_result`.
+    """
+
+    def __init__(
+        self,
+        factory: str | Callable[..., Any],
+        workers: int,
+        *,
+        factory_kwargs: Mapping[str, Any] | None = None,
+        max_attempts: int = 3,
+        on_result: Callable[[RolloutResult], Awaitable[None] | None] | None = None,
+        gc_threshold: int = 100_000,
+        startup_timeout_s: float = 300.0,
+        stop_timeout_s: float = 60.0,
+        max_respawns: int | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        _check_factory(factory)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"ShardedScheduler.workers must be an int >= 1, got {workers!r}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"ShardedScheduler.max_attempts must be an int >= 1, got {max_attempts!r}")
+        for name, value in (("startup_timeout_s", startup_timeout_s), ("stop_timeout_s", stop_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"ShardedScheduler.{name} must be > 0, got {value!r}")
+        self.factory = factory
+        self.workers = workers
+        self.factory_kwargs = dict(factory_kwargs or {})
+        try:
+            pickle.dumps(self.factory_kwargs)
+        except Exception as exc:
+            raise ValueError(f"ShardedScheduler.factory_kwargs: a worker process cannot receive them ({exc})") from None
+        self.max_attempts = max_attempts
+        self.on_result = on_result
+        self.gc_threshold = gc_threshold
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.respawns_left = workers * max_attempts if max_respawns is None else max_respawns
+        self.python = python
+        self.counters: dict[str, int] = {"started": 0, "finished": 0, "errors": 0, "resolved": 0, "running": 0,
+                                         "requeued": 0, "workers_lost": 0}
+        self._workers: list[_ShardWorker] = []
+        self._keys = itertools.count()
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ShardedScheduler:
+        if self._stack is not None:
+            raise RuntimeError("ShardedScheduler is already open")
+        stack = AsyncExitStack()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        self._stack = stack
+        workers: list[_ShardWorker | None] = [None] * self.workers
+        try:
+            failures: list[RuntimeError] = []
+
+            async def start(i: int) -> None:
+                try:
+                    workers[i] = await self._spawn(i)
+                except RuntimeError as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as starting:
+                for i in range(self.workers):
+                    starting.start_soon(start, i)
+            if failures:
+                raise failures[0]
+            self._workers = [w for w in workers if w is not None]
+        except BaseException:
+            for w in workers:
+                if w is not None:
+                    self._kill(w)
+            self._nursery.cancel_scope.cancel()
+            await stack.aclose()
+            self._stack = self._nursery = None
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._stack is not None and self._nursery is not None
+        self._closing = True
+        try:
+            if exc_info[0] is None:
+                with trio.move_on_after(self.stop_timeout_s):
+                    for w in self._workers:
+                        if w.alive:
+                            try:
+                                await w.send(("close",))
+                                await w.process.stdin.aclose()
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                pass
+                    for w in self._workers:
+                        await w.process.wait()
+        finally:
+            for w in self._workers:
+                self._kill(w)
+            self._nursery.cancel_scope.cancel()
+            stack, self._stack, self._nursery = self._stack, None, None
+            await stack.aclose()
+
+    def _kill(self, w: _ShardWorker) -> None:
+        if w.process.returncode is None:
+            try:
+                w.process.kill()
+            except OSError:
+                pass
+
+    async def _spawn(self, index: int) -> _ShardWorker:
+        """A worker process with its scheduler built, or RuntimeError saying why not."""
+        env = {**os.environ, _WORKER_PATH_ENV: json.dumps([p for p in sys.path if isinstance(p, str)])}
+        process = await trio.lowlevel.open_process([self.python, "-c", _WORKER_BOOT], stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, env=env)
+        w = _ShardWorker(index, process)
+        _widen_pipe(process.stdout)
+        try:
+            with trio.fail_after(self.startup_timeout_s):
+                await w.send(("init", self.factory, self.factory_kwargs, index, self.workers))
+                reply = await w.reader.read()
+        except trio.TooSlowError:
+            self._kill(w)
+            raise RuntimeError(f"shard worker {index} did not start within {self.startup_timeout_s:g} s") from None
+        except Exception as exc:  # it died before answering (a broken pipe, a torn frame)
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        if reply is None or reply[0] != "ready":
+            self._kill(w)
+            await process.wait()
+            why = reply[1] if reply is not None else f"it exited with status {process.returncode}"
+            raise RuntimeError(f"shard worker {index} failed to start: {why}")
+        w.stats = {"pid": reply[1]}
+        assert self._nursery is not None
+        self._nursery.start_soon(self._read, w)
+        return w
+
+    # -- results ----------------------------------------------------------------------------------
+
+    async def _read(self, w: _ShardWorker) -> None:
+        why = "it exited"
+        while True:
+            try:
+                message = await w.reader.read()
+            except Exception as exc:  # a broken pipe or a torn frame: the worker is gone either way
+                why = f"{type(exc).__name__}: {exc}"
+                break
+            if message is None:
+                break
+            if message[0] == "results":
+                w.stats.update(message[2])
+                for key, result, error in message[1]:
+                    item = w.items.pop(key, None)
+                    if item is not None:  # else already delivered (cannot happen; never twice)
+                        await self._deliver(item, result if result is not None else self._error_result(item, error))
+        await self._lost(w, why)
+
+    async def _deliver(self, item: _ShardItem, result: RolloutResult) -> None:
+        result.attempts += item.tries - 1  # each lost worker counts as one attempt
+        self.counters["finished"] += 1
+        self.counters["running"] -= 1
+        self.counters["errors"] += result.error is not None
+        self.counters["resolved"] += bool(result.trajectory.resolved)
+        item.deliver(result)
+        if self.on_result is not None:
+            maybe = self.on_result(result)
+            if maybe is not None:
+                await maybe
+
+    def _error_result(self, item: _ShardItem, error: str | None) -> RolloutResult:
+        # The prompt of an episode that never ran: rendering it needs the tokenizer, which lives in the
+        # workers; the learner drops error trajectories, so a placeholder token keeps the record valid.
+        trajectory = Trajectory(episode_id=item.episode_id, task_id=item.task.id, group_id=item.group_id,
+                                prompt_ids=[0], turns=[], reward=0.0, finish_reason=FinishReason.ERROR,
+                                policy_version=item.policy_version, metrics={"error": 1.0}, patch="", resolved=None)
+        return RolloutResult(trajectory, None, 1, error or "unknown error in the shard worker")
+
+    async def _lost(self, w: _ShardWorker, why: str) -> None:
+        """The worker's stream ended: a normal stop when nothing was pending, else its episodes requeue."""
+        w.alive = False
+        self._kill(w)
+        with trio.CancelScope(shield=True):
+            await w.process.wait()
+        items = list(w.items.values())
+        w.items.clear()
+        if self._closing and not items:
+            return
+        self.counters["workers_lost"] += 1
+        log.warning("shard worker %d (pid %s) lost (%s, status %s); %d episodes requeued", w.index,
+                    w.stats.get("pid"), why, w.process.returncode, len(items))
+        retry = [i for i in items if i.tries < self.max_attempts]
+        for item in items:
+            if item.tries >= self.max_attempts:
+                await self._deliver(item, self._error_result(
+                    item, f"ShardWorkerLost: shard worker process lost {item.tries} times ({why})"))
+        if not retry or self._closing:
+            for item in retry:
+                await self._deliver(item, self._error_result(item, f"ShardWorkerLost: the pool is closing ({why})"))
+            return
+        if self.respawns_left > 0:
+            self.respawns_left -= 1
+            try:
+                replacement = await self._spawn(w.index)
+                self._workers[self._workers.index(w)] = replacement
+            except RuntimeError as exc:
+                log.error("could not replace shard worker %d: %s", w.index, exc)
+        self.counters["requeued"] += len(retry)
+        await self._submit(retry)
+
+    # -- submitting -------------------------------------------------------------------------------
+
+    async def _submit(self, items: list[_ShardItem]) -> None:
+        """Give `items` to live workers, keeping each group's items together, least loaded first."""
+        by_worker: dict[_ShardWorker, list[_ShardItem]] = {}
+        load = {w: len(w.items) for w in self._workers if w.alive}
+        for _, group in itertools.groupby(items, key=lambda i: i.group_id):
+            group = list(group)
+            if not load:
+                for item in group:
+                    await self._deliver(item, self._error_result(item, "ShardWorkerLost: no shard worker is running"))
+                continue
+            w = min(load, key=load.__getitem__)
+            load[w] += len(group)
+            for item in group:
+                item.tries += 1
+                w.items[item.key] = item  # before the send: a worker lost from here on requeues them
+            by_worker.setdefault(w, []).extend(group)
+        for w, given in by_worker.items():
+            try:
+                await w.send(("run", [(i.key, i.task, i.episode_id, i.group_id, i.policy_version) for i in given]))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the worker died: its reader requeues what it was given
+
+    async def run_groups(self, groups: Sequence[tuple[Task, int, str]], *, policy_version: int = 0) -> list[list[RolloutResult]]:
+        """Many groups concurrently over the workers; results in input order."""
+        if self._nursery is None:
+            raise RuntimeError("ShardedScheduler is not open: use `async with ShardedScheduler(...) as sched`")
+        out: list[list[RolloutResult | None]] = [[None] * n for _, n, _ in groups]
+        left = sum(n for _, n, _ in groups)
+        done = trio.Event()
+        if not left:
+            return [[] for _ in groups]
+
+        def sink(g: int, i: int) -> Callable[[RolloutResult], None]:
+            def deliver(result: RolloutResult) -> None:
+                nonlocal left
+                out[g][i] = result
+                left -= 1
+                if not left:
+                    done.set()
+            return deliver
+
+        items = [_ShardItem(next(self._keys), task, f"{group_id}/{i}", group_id, policy_version, sink(g, i))
+                 for g, (task, n, group_id) in enumerate(groups) for i in range(n)]
+        self.counters["started"] += len(items)
+        self.counters["running"] += len(items)
+        with relaxed_gc(self.gc_threshold):  # thousands of trajectories arrive here too
+            await self._submit(items)
+            await done.wait()
+        return [[r for r in g if r is not None] for g in out]
+
+    async def run_group(self, task: Task, n: int, *, group_id: str, policy_version: int = 0) -> list[RolloutResult]:
+        """`n` rollouts of `task` (one DAPO group) in one worker; results in rollout order."""
+        return (await self.run_groups([(task, n, group_id)], policy_version=policy_version))[0]
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "workers": {w.index: {"alive": w.alive, "pending": len(w.items), **w.stats}
+                                             for w in self._workers}, "time": time.time()}

@@ -7,12 +7,18 @@
     (turns x latency / concurrency), target within 10%. The fake policy waits with
     `agent.fakes.fake_latency` (a parked task woken by one alarm task, as a reply on a socket would
     wake it) rather than `trio.sleep`, whose cancel-and-catch costs ~25 us of CPU per call here.
+    One trio loop needs ~50 us of CPU per turn here, so 4,096 turns per 200 ms saturate it: (c) runs
+    the same 4,096 episodes sharded over `--workers` processes (`agent.scheduler.ShardedScheduler`,
+    each worker its own trio loop and Scheduler with 4,096 / workers episodes in flight, results
+    streamed back to this process), and in the same run in one process as the peer. The worker pool is
+    started before the clock starts, as a training run keeps it across iterations; its start-up time
+    is reported (`startup_s`).
 Every part reports the CPU seconds it used and the load average (the machine is shared).
 (b) over loopback HTTP against the fake server running in another process: turns per second with
     agent.llm's client, and in the same run the naive baseline (one httpx AsyncClient with a
     connection per episode), and the ratio.
 
-Usage: python bench/scheduler.py [--episodes 4096] [--turns 20]. Last line: one JSON object.
+Usage: python bench/scheduler.py [--episodes 4096] [--turns 20] [--workers 2]. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -31,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.fakes import FakeNode, ScriptedPolicy, tiny_tokenizer  # noqa: E402
 from agent.scaffold import EpisodeConfig  # noqa: E402
-from agent.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from agent.scheduler import Scheduler, SchedulerConfig, ShardedScheduler  # noqa: E402
 from runtime.records import Task  # noqa: E402
 
 
@@ -140,19 +147,54 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def run(episodes: int, turns: int, latency_s: float, tokenizer) -> dict:
+def bench_groups(episodes: int) -> list[tuple[Task, int, str]]:
     groups = max(1, episodes // 8)
     tasks = [Task(id=f"t{i}", repo="bench/repo", base_commit="HEAD", problem_statement="The tests fail.",
                   image="host", test_patch="", FAIL_TO_PASS=["t"], PASS_TO_PASS=[], test_command="true",
                   log_parser="pytest") for i in range(groups)]
+    return [(t, episodes // groups, f"g{i}") for i, t in enumerate(tasks)]
+
+
+def bench_scheduler(episodes: int, turns: int, latency_s: float, tokenizer, **config: Any) -> Scheduler:
     nodes = [FakeNode(f"n{i}") for i in range(4)]
     policy = ScriptedPolicy(tokenizer, script(turns), latency_s=latency_s)
     config = SchedulerConfig(max_episodes=episodes, node_capacity=episodes,
-                             episode=EpisodeConfig(max_turns=turns, max_context_tokens=1 << 20))
-    sched = Scheduler(nodes, policy, tokenizer, grader, config)
+                             episode=EpisodeConfig(max_turns=turns, max_context_tokens=1 << 20), **config)
+    return Scheduler(nodes, policy, tokenizer, grader, config)
+
+
+def shard_scheduler(shard: int, shards: int, *, episodes: int, turns: int, latency_s: float, **config: Any) -> Scheduler:
+    """The ShardedScheduler factory of (c): each worker's share of the 4,096 episodes in flight."""
+    return bench_scheduler(-(-episodes // shards), turns, latency_s, tiny_tokenizer(), **config)
+
+
+async def run(episodes: int, turns: int, latency_s: float, tokenizer) -> dict:
+    sched = bench_scheduler(episodes, turns, latency_s, tokenizer)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    results = await sched.run_groups([(t, episodes // groups, f"g{i}") for i, t in enumerate(tasks)])
+    results = await sched.run_groups(bench_groups(episodes))
     wall = time.perf_counter() - t0
+    return summary(results, wall, turns, latency_s, time.process_time() - cpu0)
+
+
+async def run_sharded(episodes: int, turns: int, latency_s: float, workers: int) -> dict:
+    """(c) over `workers` processes; cpu_s is this process's, workers_cpu_s each worker's (start-up excluded)."""
+    t_start = time.perf_counter()
+    async with ShardedScheduler("bench.scheduler:shard_scheduler", workers,
+                                factory_kwargs={"episodes": episodes, "turns": turns, "latency_s": latency_s}) as sched:
+        startup = time.perf_counter() - t_start
+        cpu_before = {i: w.get("cpu_s", 0.0) for i, w in sched.stats()["workers"].items()}
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        results = await sched.run_groups(bench_groups(episodes))
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        stats = sched.stats()
+    out = summary(results, wall, turns, latency_s, cpu)
+    out.update(workers=workers, startup_s=round(startup, 2), workers_lost=stats["workers_lost"],
+               workers_cpu_s=[round(w.get("cpu_s", 0.0) - cpu_before[i], 2) for i, w in stats["workers"].items()])
+    return out
+
+
+def summary(results, wall: float, turns: int, latency_s: float, cpu_s: float) -> dict:
     trajs = [r.trajectory for g in results for r in g]
     n_turns = sum(len(t.turns) for t in trajs)
     overhead_ms = []
@@ -170,7 +212,8 @@ async def run(episodes: int, turns: int, latency_s: float, tokenizer) -> dict:
         "ideal_s": round(ideal, 3) if latency_s else None,
         "vs_ideal": round(wall / ideal, 3) if latency_s else None,
         "resolved": sum(bool(t.resolved) for t in trajs),
-        "cpu_s": round(time.process_time() - cpu0, 2),
+        "errors": sum(r.error is not None for g in results for r in g),
+        "cpu_s": round(cpu_s, 2),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -180,12 +223,15 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=4096)
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--http-seconds", type=float, default=120.0, help="cap on each HTTP run of (b)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes of (c)")
     args = parser.parse_args()
     tokenizer = tiny_tokenizer()
     a = trio.run(run, args.episodes, args.turns, 0.0, tokenizer)
     print("(a) in-process:", a, flush=True)
-    c = trio.run(run, args.episodes, args.turns, 0.2, tokenizer)
-    print("(c) 200 ms latency:", c, flush=True)
+    c = trio.run(run_sharded, args.episodes, args.turns, 0.2, args.workers)
+    print(f"(c) 200 ms latency, {args.workers} worker processes:", c, flush=True)
+    c1 = trio.run(run, args.episodes, args.turns, 0.2, tokenizer)
+    print("(c) 200 ms latency, one process:", c1, flush=True)
     server = subprocess.Popen([sys.executable, "-m", "agent.fake_llm", "--port", "0", "--policy", "bench.scheduler:fake_policy"],
                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
@@ -208,6 +254,10 @@ def main() -> None:
         "latency200_wall_s": c["wall_s"],
         "latency200_ideal_s": c["ideal_s"],
         "latency200_vs_ideal": c["vs_ideal"],
+        "latency200_workers": c["workers"],
+        "latency200_startup_s": c["startup_s"],
+        "latency200_1proc_wall_s": c1["wall_s"],
+        "latency200_1proc_vs_ideal": c1["vs_ideal"],
         "http_turns_per_s": b["turns_per_s"],
         "http_naive_turns_per_s": b_naive["turns_per_s"],
         # The naive client may finish no episode inside the cap: then there is no ratio to print, only
@@ -215,7 +265,7 @@ def main() -> None:
         "http_ratio_vs_naive": round(b["turns_per_s"] / b_naive["turns_per_s"], 1) if b_naive["turns_per_s"] else None,
         "http_naive_cut_off": b_naive["cut_off"],
         "targets": {"turns_per_s": 3000, "overhead_p99_ms": 2.0, "vs_ideal": 1.10, "http_turns_per_s": 1000},
-        "details": {"inproc": a, "latency200": c, "http": b, "http_naive": b_naive},
+        "details": {"inproc": a, "latency200": c, "latency200_1proc": c1, "http": b, "http_naive": b_naive},
     }))
 
 
