@@ -1,6 +1,7 @@
 """The embedded default across seeds: held-out solve rate before training, after RFT, after RFT + DAPO.
 
     python bench/demo.py [--seeds 0 1 2] [--rewards execution similarity] [--config learner/configs/demo.toml]
+                         [--jobs 2]
 
 Runs `python -m learner.run CONFIG run.seed=S reward.kind=R` for every seed and reward (each in its
 own output directory, fresh), reads each run's ``summary.json`` and prints a table and, last, one JSON
@@ -36,27 +37,50 @@ def main() -> None:
     default_config = ROOT / "learner" / "configs" / "demo.toml"
     ap.add_argument("--config", default=str(default_config) if default_config.exists() else None)
     ap.add_argument("--out", default="runs/bench-demo")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once (each gets cpu_count / jobs torch threads); wall times then overlap")
     ap.add_argument("overrides", nargs="*", help="extra section.key=value for every run")
     args = ap.parse_args()
-    runs: dict[str, list[dict]] = {}
-    for reward in args.rewards:
-        for seed in args.seeds:
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = [(reward, seed) for reward in args.rewards for seed in args.seeds]
+    running: list[tuple[str, int, Path, list[str], float, subprocess.Popen]] = []
+    rows_by_run: dict[tuple[str, int], dict] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            reward, seed = pending.pop(0)
             out = Path(args.out) / f"{reward}-seed{seed}"
             argv = [sys.executable, "-m", "learner.run", *([args.config] if args.config else []),
-                    f"run.seed={seed}", f"reward.kind={reward}", f"run.out_dir={out}", *args.overrides,
-                    "--fresh", "--quiet"]
-            started = time.monotonic()
-            proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-                                  capture_output=True, text=True)
+                    f"run.seed={seed}", f"reward.kind={reward}", f"run.out_dir={out}",
+                    f"model.torch_threads={threads}", *args.overrides, "--fresh", "--quiet"]
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            log = open(Path(args.out) / f"{reward}-seed{seed}.log", "w")  # the run's stderr
+            proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                                    stdout=subprocess.DEVNULL, stderr=log, text=True)
+            log.close()  # the child has its own descriptor
+            running.append((reward, seed, out, argv, time.monotonic(), proc))
+        time.sleep(1.0)
+        for item in list(running):
+            reward, seed, out, argv, started, proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
             if proc.returncode != 0:
-                raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+                for *_, other in running:
+                    other.terminate()
+                log = (Path(args.out) / f"{reward}-seed{seed}.log").read_text()[-3000:]
+                raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{log}")
             summary = json.loads((out / "summary.json").read_text())
             row = {"seed": seed, "before": summary.get("before"), "rft": summary.get("rft_eval_solve_rate"),
                    "dapo": summary.get("after"), "wall_s": round(time.monotonic() - started, 1)}
-            runs.setdefault(reward, []).append(row)
+            rows_by_run[(reward, seed)] = row
             print(f"{reward:10s} seed {seed}: before {row['before']:.1%}  after RFT {row['rft']:.1%}  "
                   f"after DAPO {row['dapo']:.1%}  ({row['wall_s']:.0f} s)", file=sys.stderr)
-    report: dict = {"bench": "demo", "seeds": args.seeds, "config": args.config, "load_avg": os.getloadavg()[0]}
+    runs: dict[str, list[dict]] = {}
+    for reward in args.rewards:
+        runs[reward] = [rows_by_run[(reward, seed)] for seed in args.seeds]
+    report: dict = {"bench": "demo", "seeds": args.seeds, "config": args.config, "jobs": jobs,
+                    "load_avg": os.getloadavg()[0]}
     for reward, rows in runs.items():
         stats = {k: _spread([r[k] for r in rows]) for k in ("before", "rft", "dapo")}
         gain = stats["dapo"]["mean"] - stats["before"]["mean"]

@@ -161,6 +161,10 @@ class DapoConfig:
     overlong_max_tokens: int = 0  # soft overlong punishment L_max in model tokens (0: off)
     overlong_cache_tokens: int = 0  # ... its L_cache
     tis_cap: float = 0.0  # truncated importance sampling cap against sampler logprobs (0: off)
+    # How the loss averages: "token", DAPO's token-level mean over the batch (a long episode weighs
+    # as many tokens as it has); "sequence", each episode's token mean, then the mean over episodes
+    # (GRPO's), so long failed episodes (malformed calls, retries) do not outweigh short successes.
+    loss_agg: Literal["token", "sequence"] = "token"
     lr: float = 0.0  # 0: optim.lr
 
 

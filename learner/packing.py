@@ -24,6 +24,8 @@ of the same sequence; `loss_mask`, `advantages` and `sampler_logprobs` at t desc
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -100,13 +102,40 @@ def dapo_samples(
     ]
 
 
-def rft_samples(trajectories: Sequence[Trajectory]) -> list[Sample]:
+def rft_samples(trajectories: Sequence[Trajectory], *, mask_format_errors: bool = True) -> list[Sample]:
     """Samples of the resolved trajectories (resolved is True; ungraded ones are left out).
 
     The advantage is 1.0, so the DAPO loss on fresh samples has the SFT loss's gradient; train
-    them with `losses.sft_loss`.
+    them with `losses.sft_loss`. `mask_format_errors`: the turns whose tool call did not parse carry no
+    loss (a resolved episode may have recovered from one; imitating it would teach the malformed
+    call), as in rejection fine-tuning with execution feedback (Golubev et al. 2025).
     """
-    return [Sample.from_trajectory(t, 1.0) for t in trajectories if t.resolved is True]
+    out = []
+    for t in trajectories:
+        if t.resolved is not True:
+            continue
+        sample = Sample.from_trajectory(t, 1.0)
+        if mask_format_errors and any(turn.format_error for turn in t.turns):
+            mask, pos = list(sample.loss_mask), len(t.prompt_ids)
+            for turn in t.turns:
+                if turn.format_error:
+                    mask[pos:pos + len(turn.action_ids)] = [0] * len(turn.action_ids)
+                pos += len(turn.action_ids) + len(turn.observation_ids)
+            sample = Sample(sample.token_ids, mask, sample.sampler_logprobs, 1.0)
+        out.append(sample)
+    return out
+
+
+def sequence_mean(samples: Sequence[Sample]) -> list[Sample]:
+    """`samples` with advantages rescaled so that the token-level loss (sum over tokens / N, N the
+    batch's loss tokens) becomes the sequence-level one (each sample's token mean, then the mean over
+    the S samples): advantage_i * N / (S * len_i). A positive factor per sample, so the clipped
+    objective's sign and clipping are unchanged. Exact with one optimizer step per batch; with
+    mini-batches each keeps the whole batch's weights."""
+    total = sum(s.num_loss_tokens for s in samples)
+    n = sum(1 for s in samples if s.num_loss_tokens)
+    return [dataclasses.replace(s, advantage=s.advantage * total / (n * s.num_loss_tokens)) if s.num_loss_tokens else s
+            for s in samples]
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from .advantages import BatchFiller, group_advantages, soft_overlong_penalty
 from .config import RunConfig, load_run_config
 from .engine import OptimConfig, make_engine
 from .metrics import MetricsLog, plot_learning_curves, read_metrics
-from .packing import dapo_samples, rft_samples
+from .packing import dapo_samples, rft_samples, sequence_mean
 from .rollouts import Environment, TaskCursor, load_task_sets, open_environment
 from .trainer import dapo_step, rft_step
 
@@ -401,6 +401,8 @@ class Run:
             advantages += group_advantages([self._shaped_reward(t) for t in group])
         samples = [s for s in dapo_samples(trajectories, advantages, overlong_filter=cfg.overlong_filter)
                    if s.num_loss_tokens > 0]
+        if cfg.loss_agg == "sequence":
+            samples = sequence_mean(samples)
         metrics["dapo/samples"] = float(len(samples))
         metrics["dapo/overlong_filtered"] = float(len(trajectories) - len(samples))
         if not samples:
@@ -657,7 +659,7 @@ def final_table(records: list[dict[str, Any]], stages: Sequence[str], samples: i
     for r in records:
         if r.get("stage") != "eval":
             continue
-        label = "before training" if r["step"] == 0 else f"after {ends[r['step']].upper()}" if r["step"] in ends \
+        label = "before" if r["step"] == 0 else f"after {ends[r['step']].upper()}" if r["step"] in ends \
             else f"during {next((s for e, s in sorted(ends.items()) if e > r['step']), '').upper()}"
 
         def cell(key: str, fmt: str) -> str:
@@ -665,7 +667,7 @@ def final_table(records: list[dict[str, Any]], stages: Sequence[str], samples: i
             return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
         table.add_row(label, str(r["step"]), cell("eval/solve_rate", ".1%"), cell(f"eval/pass@{samples}", ".1%"),
-                      cell("eval/reward_mean", "+.3f"), cell("eval/format_errors_mean", ".2f"),
+                      cell("eval/reward_mean", "+.2f"), cell("eval/format_errors_mean", ".2f"),
                       cell("eval/response_tokens_mean", ".0f"))
     return table
 

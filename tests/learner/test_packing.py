@@ -180,3 +180,45 @@ def test_packed_rows_are_isolated_in_a_hugging_face_qwen2(attention):
     (row,) = pack(samples, max_tokens=64)
     for i, lp in zip(row.sample_indices, unpack(logprobs(row), row)):
         torch.testing.assert_close(lp, logprobs(pack([samples[i]], max_tokens=64)[0]), rtol=1e-10, atol=1e-10)
+
+
+def test_rft_masks_the_turns_whose_tool_call_did_not_parse():
+    import dataclasses
+
+    traj = trajectory([1, 1], [([2, 3], [7]), ([4], [8, 8]), ([5, 6], [])], resolved=True)
+    bad = dataclasses.replace(traj, turns=[traj.turns[0], dataclasses.replace(traj.turns[1], format_error=True),
+                                           traj.turns[2]])
+    (sample,) = rft_samples([bad])
+    assert sample.token_ids == [1, 1, 2, 3, 7, 4, 8, 8, 5, 6]
+    assert sample.loss_mask == [0, 0, 1, 1, 0, 0, 0, 0, 1, 1]  # the malformed turn [4] carries no loss
+    (unmasked,) = rft_samples([bad], mask_format_errors=False)
+    assert unmasked.loss_mask == [0, 0, 1, 1, 0, 1, 0, 0, 1, 1]
+    (clean,) = rft_samples([traj])
+    assert clean.loss_mask == unmasked.loss_mask
+
+
+def test_sequence_mean_turns_the_token_level_loss_into_the_mean_of_per_episode_means():
+    from learner.losses import dapo_loss
+    from learner.packing import sequence_mean
+
+    torch.manual_seed(0)
+    samples = [Sample([1, 2, 3, 4, 5], [0, 1, 1, 1, 1], [-1.0] * 5, 1.5),  # 4 loss tokens
+               Sample([1, 6, 7], [0, 1, 1], [-1.0] * 3, -0.5),  # 2
+               Sample([1, 8], [0, 0], [0.0] * 2, 0.7)]  # none: left as is
+    scaled = sequence_mean(samples)
+    assert [s.advantage for s in scaled] == pytest.approx([1.5 * 6 / (2 * 4), -0.5 * 6 / (2 * 2), 0.7])
+    assert [s.token_ids for s in scaled] == [s.token_ids for s in samples]
+    # the token-level loss on the scaled samples equals the per-episode mean averaged over episodes
+    logp = [torch.randn(len(s.token_ids)) for s in samples[:2]]
+    old = [lp + 0.3 * torch.randn_like(lp) for lp in logp]  # off-policy, so clipping takes part
+
+    def token_level(ss):
+        adv = torch.cat([torch.full((len(s.token_ids),), s.advantage) for s in ss])
+        mask = torch.cat([torch.tensor(s.loss_mask, dtype=torch.float32) for s in ss])
+        return dapo_loss(torch.cat(logp), torch.cat(old), adv * mask, mask)[0]
+
+    per_episode = [dapo_loss(lp, o, torch.full_like(lp, s.advantage) * torch.tensor(s.loss_mask, dtype=torch.float32),
+                             torch.tensor(s.loss_mask, dtype=torch.float32))[0]
+                   for lp, o, s in zip(logp, old, samples[:2])]
+    assert token_level(scaled[:2]).item() == pytest.approx((sum(per_episode) / 2).item(), rel=1e-5)
+    assert token_level(samples[:2]).item() != pytest.approx((sum(per_episode) / 2).item(), rel=1e-3)
