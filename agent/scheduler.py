@@ -565,6 +565,8 @@ async def _shard_worker(fd_in: int, fd_out: int) -> None:
         except Exception:
             await out.send_all(_frame(("error", traceback.format_exc())))
             return
+        # What the imports and the factory made lives as long as the process: out of the collector's way.
+        gc.freeze()
         await out.send_all(_frame(("ready", os.getpid())))
         finished: list[tuple[int, RolloutResult | None, str | None]] = []
         wake = trio.Event()
@@ -857,13 +859,13 @@ class ShardedScheduler:
     async def _lost(self, w: _ShardWorker, why: str) -> None:
         """The worker's stream ended: a normal stop when nothing was pending, else its episodes requeue."""
         w.alive = False
-        self._kill(w)
-        with trio.CancelScope(shield=True):
-            await w.process.wait()
         items = list(w.items.values())
         w.items.clear()
         if self._closing and not items:
-            return
+            return  # it is exiting as asked; __aexit__ waits for it (and kills it past stop_timeout_s)
+        self._kill(w)
+        with trio.CancelScope(shield=True):
+            await w.process.wait()
         self.counters["workers_lost"] += 1
         log.warning("shard worker %d (pid %s) lost (%s, status %s); %d episodes requeued", w.index,
                     w.stats.get("pid"), why, w.process.returncode, len(items))
