@@ -681,6 +681,10 @@ class ShardedScheduler:
     Use as ``async with ShardedScheduler(...) as sched:``; the workers start on entry (importing the
     factory's modules takes seconds, so keep the pool across iterations) and stop on exit. A cancelled
     `run_groups` leaves its episodes running in the workers; their results still go to `on_result`.
+
+    Cost: results cross a pipe as pickles. A 20-turn trajectory (~2,000 token ids and logprobs, each a
+    Python object) takes ~70 us of a worker's CPU to pickle and free, and ~50 us of this process's to
+    unpickle: sharding pays where cores are idle, not on a machine already busy.
     """
 
     def __init__(

@@ -12,7 +12,8 @@
     each worker its own trio loop and Scheduler with 4,096 / workers episodes in flight, results
     streamed back to this process), and in the same run in one process as the peer. The worker pool is
     started before the clock starts, as a training run keeps it across iterations; its start-up time
-    is reported (`startup_s`).
+    is reported (`startup_s`). Sharding costs CPU of its own (each 20-turn trajectory is pickled,
+    freed, sent and unpickled: ~0.25 CPU-s per worker here), so it wins only where cores are free.
 Every part reports the CPU seconds it used and the load average (the machine is shared).
 (b) over loopback HTTP against the fake server running in another process: turns per second with
     agent.llm's client, and in the same run the naive baseline (one httpx AsyncClient with a
@@ -223,7 +224,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=4096)
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--http-seconds", type=float, default=120.0, help="cap on each HTTP run of (b)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes of (c)")
+    parser.add_argument("--workers", type=int, default=max(2, min(4, os.cpu_count() or 1)),
+                        help="worker processes of (c) (default: the CPU count, 2 to 4)")
     args = parser.parse_args()
     tokenizer = tiny_tokenizer()
     a = trio.run(run, args.episodes, args.turns, 0.0, tokenizer)
