@@ -165,6 +165,11 @@ class DapoConfig:
     # as many tokens as it has); "sequence", each episode's token mean, then the mean over episodes
     # (GRPO's), so long failed episodes (malformed calls, retries) do not outweigh short successes.
     loss_agg: Literal["token", "sequence"] = "token"
+    # Scale of negative advantages (1: DAPO as published). Below 1 the failures of a group push their
+    # tokens down less than the successes pull theirs up (asymmetric REINFORCE): a small policy's
+    # failed episodes, sampled at temperature 1, are full of low-probability tokens whose gradients
+    # dominate the batch and wreck it (the shipped tiny policy collapses with 1).
+    negative_weight: float = 1.0
     lr: float = 0.0  # 0: optim.lr
 
 
@@ -258,6 +263,8 @@ def check_config(cfg: RunConfig) -> RunConfig:
                           f"({cfg.dapo.overlong_max_tokens}), got {cfg.dapo.overlong_cache_tokens}")
     _positive(cfg.eval, "eval", "every", "max_tasks", "viewer_episodes", allow_zero=True)
     _positive(cfg.eval, "eval", "samples", "temperature")
+    if not 0.0 <= cfg.dapo.negative_weight <= 1.0:
+        raise ConfigError(f"dapo.negative_weight: must be in [0, 1], got {cfg.dapo.negative_weight}")
     _positive(cfg.tasks, "tasks", "toy_train", "toy_heldout", allow_zero=True)
     if cfg.tasks.source == "toy" and cfg.tasks.toy_train == 0:
         raise ConfigError("tasks.toy_train: must be > 0")

@@ -398,7 +398,8 @@ class Run:
         trajectories, advantages = [], []
         for group in filler.groups:
             trajectories += group
-            advantages += group_advantages([self._shaped_reward(t) for t in group])
+            advantages += [a if a >= 0 else a * cfg.negative_weight
+                           for a in group_advantages([self._shaped_reward(t) for t in group])]
         samples = [s for s in dapo_samples(trajectories, advantages, overlong_filter=cfg.overlong_filter)
                    if s.num_loss_tokens > 0]
         if cfg.loss_agg == "sequence":

@@ -196,6 +196,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(setup):
     ("run.stages=['rft', 'ppo']", "run.stages[1]"),
     ("train.zero_stage=2", "train.zero_stage"),
     ("model.path=/nonexistent", "model.path"),
+    ("dapo.negative_weight=1.5", "dapo.negative_weight"),
 ])
 def test_bad_configs_name_the_field(setup, override, field):
     with pytest.raises(ConfigError) as info:

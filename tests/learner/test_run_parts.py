@@ -175,6 +175,24 @@ async def test_dapo_drops_uninformative_groups_and_refills(monkeypatch):
     assert metrics["rollout/episodes"] == 4 * sum(len(c) for c in env.calls)
 
 
+@pytest.mark.parametrize("weight", [0.25, 0.0])
+async def test_negative_advantages_are_scaled_by_negative_weight(monkeypatch, weight):
+    import learner.run as run_module
+
+    trained = {}
+
+    def fake_step(engine, samples, **kwargs):
+        trained["samples"] = samples
+        return {"loss/policy": 0.0, "time/train_s": 0.0}
+
+    monkeypatch.setattr(run_module, "dapo_step", fake_step)
+    await _run([f"dapo.negative_weight={weight}"]).dapo_iteration(_FakeEnv(), engine=None,
+                                                                   cursor=TaskCursor(_tasks(8), seed=0))
+    values = sorted({round(s.advantage, 6) for s in trained["samples"]})
+    positive = max(values)
+    assert positive > 0 and min(values) == pytest.approx(-positive * weight)
+
+
 async def test_dapo_step_is_skipped_when_no_group_is_informative(monkeypatch):
     import learner.run as run_module
 
