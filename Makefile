@@ -9,9 +9,10 @@ export OMP_WAIT_POLICY ?= PASSIVE
 setup:
 	@bash scripts/bootstrap.sh
 
-# The main job on the embedded default.
+# The main job on the embedded default: the shipped tiny policy, held-out eval -> RFT -> DAPO -> eval.
+# An earlier run in runs/demo is resumed (asked first on a terminal); DEMO_ARGS=--fresh starts over.
 demo: setup
-	@$(PY) -m agent.demo
+	@$(PY) -m learner.run learner/configs/demo.toml --ask $(DEMO_ARGS)
 
 # The whole test suite. pytest exits 5 when it collected no test: that is a failure here.
 test: setup
