@@ -249,3 +249,21 @@ def test_toy_task_sets_hold_out_templates_or_unseen_instances(tmp_path, heldout_
     again_train, again_heldout = load_task_sets(cfg, tmp_path)
     assert [t.id for t in again_train] == [t.id for t in train]
     assert [t.to_dict() for t in again_heldout] == [t.to_dict() for t in heldout]
+
+
+def test_final_table_labels_each_evaluation_by_the_stage_that_just_ended():
+    from rich.console import Console as RichConsole
+
+    from learner.run import final_table
+
+    records = [{"stage": "eval", "step": 0, "eval/solve_rate": 0.125, "eval/pass@4": 0.25, "eval/reward_mean": 0.1},
+               {"stage": "rft", "step": 1}, {"stage": "rft", "step": 2},
+               {"stage": "eval", "step": 2, "eval/solve_rate": 0.25},
+               {"stage": "dapo", "step": 3}, {"stage": "eval", "step": 3, "eval/solve_rate": float("nan")},
+               {"stage": "dapo", "step": 4}, {"stage": "eval", "step": 4, "eval/solve_rate": 0.5}]
+    console = RichConsole(width=200, record=True)
+    console.print(final_table(records, ["rft", "dapo"], 4))
+    rows = [line for line in console.export_text().splitlines() if "%" in line or "during" in line]
+    assert [r.split("│")[1].strip() for r in rows] == ["before", "after RFT", "during DAPO", "after DAPO"]
+    assert "12.5%" in rows[0] and "25.0%" in rows[0] and "+0.10" in rows[0]
+    assert "25.0%" in rows[1] and "50.0%" in rows[3] and "-" in rows[2]
