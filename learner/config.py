@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-policy"
+# The embedded default run: what `python -m learner.run` (no config file) and `make demo` run.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 @dataclass(frozen=True)

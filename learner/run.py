@@ -54,7 +54,7 @@ from runtime.records import Task, Trajectory
 
 from . import checkpoint as ckpt
 from .advantages import BatchFiller, group_advantages, soft_overlong_penalty
-from .config import RunConfig, load_run_config
+from .config import DEFAULT_CONFIG, RunConfig, load_run_config
 from .engine import OptimConfig, make_engine
 from .metrics import MetricsLog, plot_learning_curves, read_metrics
 from .packing import dapo_samples, rft_samples, sequence_mean
@@ -726,7 +726,7 @@ def run(cfg: RunConfig, *, resume: str | None = None, quiet: bool = False) -> di
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m learner.run", description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", help="TOML config (default: the embedded default run)")
+    ap.add_argument("config", nargs="?", help="TOML config (default: the embedded default run, learner/configs/demo.toml)")
     ap.add_argument("overrides", nargs="*", help="section.key=value (e.g. dapo.steps=4)")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--fresh", action="store_true", help="start over; an earlier run in out_dir is moved aside")
@@ -738,6 +738,9 @@ def main(argv: list[str] | None = None) -> None:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides were given
         config, overrides = None, [config, *overrides]
+    given = config  # what the user typed, for the resume hint
+    if config is None:
+        config = str(DEFAULT_CONFIG)
     try:
         cfg = load_run_config(config, overrides)
     except ConfigError as exc:
@@ -748,7 +751,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = run(cfg, resume=mode, quiet=args.quiet)
     except (Interrupted, KeyboardInterrupt):
-        again = " ".join(["python -m learner.run", *([config] if config else []), *overrides])
+        again = " ".join(["python -m learner.run", *([given] if given else []), *overrides])
         print(f"\nStopped. The run is saved in {cfg.run.out_dir}; resume with:\n    {again}\n"
               f"or start over with:\n    {again} --fresh", file=sys.stderr)
         raise SystemExit(130) from None
