@@ -326,6 +326,13 @@ if rank == 0:
     torch.save({{"metrics": metrics, "state": end, "again": again, "resumed": resumed.state_dict()}}, sys.argv[2])
 else:
     resumed.state_dict()
+# Leave the group, then exit without interpreter teardown: a rank once aborted there ("terminate called
+# without an active exception", exit -6) with DeepSpeed's shared-memory comm op still holding a thread.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
