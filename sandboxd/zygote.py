@@ -55,6 +55,7 @@ class Zygote:
         self._send_lock = trio.Lock()
         self.taken = 0  # embryos taken and not yet asked for again (replenish)
         self.prepaid = 0  # embryos asked for by spawns that found none: theirs when taken, not owed again
+        self._waiting = 0  # spawns parked until an embryo comes (woken oldest first)
         self.broken: str | None = None
 
     @classmethod
@@ -124,21 +125,25 @@ class Zygote:
         asked = False
         with trio.move_on_after(EMBRYO_TIMEOUT_S):
             while True:
-                while self._embryos:
+                # First come, first served: while earlier spawns wait (one of them woken for the embryo
+                # just delivered), a new one queues behind them with its own request instead of taking
+                # it. Barging starved waiters past the deadline under a stream of creates.
+                while self._embryos and (asked or not self._waiting):
                     pid, pidfd, sock = self._embryos.pop(0)
-                    if self.prepaid > 0:
-                        self.prepaid -= 1  # one that a waiting spawn asked for: the pool is not short
-                    else:
-                        self.taken += 1
                     try:
                         if linux.pidfd_send_signal(pidfd, 0):  # alive: died ones are skipped
                             sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                            if self.prepaid > 0:
+                                self.prepaid -= 1  # one that a waiting spawn asked for: the pool is not short
+                            else:
+                                self.taken += 1
                             return pid, pidfd
                     except OSError:
                         pass  # it died between the check and the send
                     finally:
                         sock.close()
                     os.close(pidfd)
+                    self.taken += 1  # a dead one is replaced; whoever was owed it still is
                 if self.broken:
                     raise Internal(f"sandbox zygote is gone: {self.broken}")
                 # None left alive (they died waiting, or a burst of creates took them all): ask for
@@ -149,7 +154,13 @@ class Zygote:
                     self.taken += 1
                     self.prepaid += 1
                 await self.replenish()
-                await self._delivered.park()
+                if self._embryos:  # delivered while we were asking: its wake-up found nobody parked
+                    continue
+                self._waiting += 1
+                try:
+                    await self._delivered.park()
+                finally:
+                    self._waiting -= 1
         raise Internal(f"sandbox zygote delivered no init within {EMBRYO_TIMEOUT_S} s")
 
     async def replenish(self) -> None:
