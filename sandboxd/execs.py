@@ -248,8 +248,11 @@ def _read_available(fd: int, limit: int) -> list[bytes]:
 
 # The model's patch: everything in the work tree (untracked files too) against the base commit,
 # through a temporary copy of the index, so that the repository's own index is left untouched.
+# The index is copied with its mtime (cp -p): git trusts an entry's stat only when the file is older
+# than the index, and a fresh copy made the index "newer" than an edit of the same size made in the
+# same second as the checkout, which then went missing from the patch (seen under load).
 _GIT_DIFF = ('set -e; idx=$(mktemp); trap \'rm -f "$idx"\' EXIT; '
-             'cp "$(git rev-parse --git-dir)/index" "$idx" 2>/dev/null || true; '
+             'cp -p "$(git rev-parse --git-dir)/index" "$idx" 2>/dev/null || true; '
              'git rev-parse --verify --quiet "$1^{commit}" >/dev/null || { echo "unknown commit $1" >&2; exit 3; }; '
              'GIT_INDEX_FILE="$idx" git add -A; '
              'GIT_INDEX_FILE="$idx" git diff --cached --binary --no-color --no-ext-diff "$1"')
