@@ -3,10 +3,10 @@ same results as one process, exactly once each, and a lost worker's episodes rer
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
-from dataclasses import dataclass
 
 import pytest
 import trio
@@ -14,35 +14,22 @@ import trio
 from agent.fakes import FakeNode, ScriptedPolicy
 from agent.scheduler import Scheduler, SchedulerConfig, ShardedScheduler
 from runtime.records import FinishReason, Task
+from tests.agent import test_scheduler as one_process
+from tests.agent.test_scheduler import FIX
 
-FIX = [
-    "<function=view>\n<parameter=path>pkg/calc.py</parameter>\n</function>",
-    "<function=str_replace>\n<parameter=path>pkg/calc.py</parameter>\n<parameter=old>a - b</parameter>\n"
-    "<parameter=new>a + b</parameter>\n</function>",
-    "<function=submit>\n</function>",
-]
 FACTORY = f"{__name__}:make_scheduler"
 DEADLINE_S = 120  # a lost episode fails the test instead of hanging it
-
-
-@dataclass
-class Report:
-    resolved: bool
-
-    def to_dict(self):
-        return {"resolved": self.resolved}
 
 
 async def patch_grader(task, patch, workspace, *, timeout_s):
     if task.id == "doomed":  # the worker process dies, as one killed by the OOM killer would
         os._exit(3)
-    return Report("+    return a + b" in patch)
+    return await one_process.patch_grader(task, patch, workspace, timeout_s=timeout_s)
 
 
 def task(i: int = 0, task_id: str | None = None) -> Task:
-    return Task(id=task_id or f"calc-{i}", repo="toy/calc", base_commit="HEAD", problem_statement="add() subtracts.",
-                image="host", test_patch="", FAIL_TO_PASS=["test_add"], PASS_TO_PASS=[], test_command="true",
-                log_parser="pytest")
+    t = one_process.task(i)
+    return dataclasses.replace(t, id=task_id) if task_id else t
 
 
 def make_scheduler(shard: int, shards: int, *, latency_s: float = 0.0) -> Scheduler:
