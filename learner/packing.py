@@ -25,7 +25,6 @@ of the same sequence; `loss_mask`, `advantages` and `sampler_logprobs` at t desc
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -72,8 +71,9 @@ class Sample:
             )
 
     @classmethod
-    def from_trajectory(cls, trajectory: Trajectory, advantage: float) -> Sample:
-        return cls(trajectory.token_ids(), trajectory.loss_mask(), trajectory.sampler_logprobs(), advantage)
+    def from_trajectory(cls, trajectory: Trajectory, advantage: float, *, skip_format_errors: bool = False) -> Sample:
+        return cls(trajectory.token_ids(), trajectory.loss_mask(skip_format_errors=skip_format_errors),
+                   trajectory.sampler_logprobs(skip_format_errors=skip_format_errors), advantage)
 
     @property
     def num_loss_tokens(self) -> int:
@@ -110,20 +110,8 @@ def rft_samples(trajectories: Sequence[Trajectory], *, mask_format_errors: bool 
     loss (a resolved episode may have recovered from one; imitating it would teach the malformed
     call), as in rejection fine-tuning with execution feedback (Golubev et al. 2025).
     """
-    out = []
-    for t in trajectories:
-        if t.resolved is not True:
-            continue
-        sample = Sample.from_trajectory(t, 1.0)
-        if mask_format_errors and any(turn.format_error for turn in t.turns):
-            mask, pos = list(sample.loss_mask), len(t.prompt_ids)
-            for turn in t.turns:
-                if turn.format_error:
-                    mask[pos:pos + len(turn.action_ids)] = [0] * len(turn.action_ids)
-                pos += len(turn.action_ids) + len(turn.observation_ids)
-            sample = Sample(sample.token_ids, mask, sample.sampler_logprobs, 1.0)
-        out.append(sample)
-    return out
+    return [Sample.from_trajectory(t, 1.0, skip_format_errors=mask_format_errors)
+            for t in trajectories if t.resolved is True]
 
 
 def sequence_mean(samples: Sequence[Sample]) -> list[Sample]:

@@ -401,19 +401,21 @@ class Trajectory(_Record):
             ids += turn.observation_ids
         return ids
 
-    def loss_mask(self) -> list[int]:
-        """1 on tokens the model sampled, 0 on prompt and observation tokens."""
+    def loss_mask(self, *, skip_format_errors: bool = False) -> list[int]:
+        """1 on tokens the model sampled, 0 on prompt and observation tokens (and, with
+        `skip_format_errors`, on the turns whose tool call did not parse)."""
         mask = [0] * len(self.prompt_ids)
         for turn in self.turns:
-            mask += [1] * len(turn.action_ids)
+            mask += [0 if skip_format_errors and turn.format_error else 1] * len(turn.action_ids)
             mask += [0] * len(turn.observation_ids)
         return mask
 
-    def sampler_logprobs(self) -> list[float]:
-        """Sampler logprob of each token of `token_ids()`; 0.0 where `loss_mask()` is 0."""
+    def sampler_logprobs(self, *, skip_format_errors: bool = False) -> list[float]:
+        """Sampler logprob of each token of `token_ids()`; 0.0 where `loss_mask()` (with the same
+        `skip_format_errors`) is 0."""
         lps = [0.0] * len(self.prompt_ids)
         for turn in self.turns:
-            lps += turn.action_logprobs
+            lps += [0.0] * len(turn.action_ids) if skip_format_errors and turn.format_error else turn.action_logprobs
             lps += [0.0] * len(turn.observation_ids)
         return lps
 

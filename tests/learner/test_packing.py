@@ -191,6 +191,7 @@ def test_rft_masks_the_turns_whose_tool_call_did_not_parse():
     (sample,) = rft_samples([bad])
     assert sample.token_ids == [1, 1, 2, 3, 7, 4, 8, 8, 5, 6]
     assert sample.loss_mask == [0, 0, 1, 1, 0, 0, 0, 0, 1, 1]  # the malformed turn [4] carries no loss
+    assert [lp for lp, m in zip(sample.sampler_logprobs, sample.loss_mask) if not m] == [0.0] * 6
     (unmasked,) = rft_samples([bad], mask_format_errors=False)
     assert unmasked.loss_mask == [0, 0, 1, 1, 0, 1, 0, 0, 1, 1]
     (clean,) = rft_samples([traj])
