@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from learner.config import DEFAULT_CONFIG  # noqa: E402
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -34,8 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rewards", nargs="+", default=["execution", "similarity"], choices=["execution", "similarity"])
-    default_config = ROOT / "learner" / "configs" / "demo.toml"
-    ap.add_argument("--config", default=str(default_config) if default_config.exists() else None)
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--out", default="runs/bench-demo")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at once (each gets cpu_count / jobs torch threads); wall times then overlap")
@@ -50,7 +52,7 @@ def main() -> None:
         while pending and len(running) < jobs:
             reward, seed = pending.pop(0)
             out = Path(args.out) / f"{reward}-seed{seed}"
-            argv = [sys.executable, "-m", "learner.run", *([args.config] if args.config else []),
+            argv = [sys.executable, "-m", "learner.run", args.config,
                     f"run.seed={seed}", f"reward.kind={reward}", f"run.out_dir={out}",
                     f"model.torch_threads={threads}", *args.overrides, "--fresh", "--quiet"]
             Path(args.out).mkdir(parents=True, exist_ok=True)

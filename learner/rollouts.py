@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from agent.grading import grade
 from agent.rewards import apply_format_penalty, count_format_errors, similarity_reward
 from agent.scaffold import EpisodeConfig
@@ -200,16 +199,14 @@ def load_task_sets(cfg: RunConfig, out_dir: Path) -> tuple[list[Task], list[Task
             return train, []
         seen = {x.problem_statement for x in train}
         # Another seed's train-template tasks; one whose issue text equals a training task's is skipped.
-        extra, n = [], t.toy_heldout
+        n = t.toy_heldout
         while True:
             pool = _toy_suite(workdir, t.toy_seed + 1, n, 0)
             fresh = [x for x in pool if x.problem_statement not in seen]
             if len(fresh) >= t.toy_heldout:
                 break
             n += t.toy_heldout - len(fresh)
-        for x in fresh[:t.toy_heldout]:
-            extra.append(dataclasses.replace(x, split="heldout"))
-        return train, extra
+        return train, [dataclasses.replace(x, split="heldout") for x in fresh[:t.toy_heldout]]
     from agent.tasks import load_tasks
 
     train = list(load_tasks(cfg.tasks.source))
