@@ -591,11 +591,12 @@ class Run:
         metrics.flush()
         plot_learning_curves(metrics.path, self.out / "learning_curves.png",
                              title=f"swe-dapo: {' then '.join(stages)} ({self.out.name})")
-        self.summary.update(self._summarize(metrics.path))
+        records = list(read_metrics(metrics.path))
+        self.summary.update(self._summarize(records))
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(self.summary, indent=1, sort_keys=True))
         os.replace(tmp, self.out / "summary.json")
-        self.console.print(final_table(list(read_metrics(metrics.path)), cfg.run.stages, cfg.eval.samples))
+        self.console.print(final_table(records, cfg.run.stages, cfg.eval.samples))
         self.console.print(f"Results in {self.out}: learning_curves.png, viewer/before and viewer/after (HTML), "
                            f"metrics.jsonl; TensorBoard: tensorboard --logdir {self.out / 'tensorboard'}")
 
@@ -627,15 +628,13 @@ class Run:
                  for r in picked]
         write_viewer(self.out / "viewer" / label, views, decode, title=f"Held-out episodes {label} training")
 
-    def _summarize(self, metrics_path: Path) -> dict[str, Any]:
-        records = list(read_metrics(metrics_path))
+    def _summarize(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         evals = [r for r in records if r.get("stage") == "eval"]
         out: dict[str, Any] = {"steps": self.progress.step, "policy_version": self.progress.policy_version,
                                "eval": [{"step": r["step"], "solve_rate": r.get("eval/solve_rate"),
                                          "reward_mean": r.get("eval/reward_mean")} for r in evals],
                                "out_dir": str(self.out)}
-        for stage in self.cfg.run.stages:  # the held-out solve rate when each stage ended
-            last = max((r["step"] for r in records if r.get("stage") == stage), default=None)
+        for stage, last in stage_ends(records, self.cfg.run.stages).items():  # held-out solve rate at its end
             at = [r.get("eval/solve_rate") for r in evals if r["step"] == last]
             if at:
                 out[f"{stage}_eval_solve_rate"] = at[-1]
@@ -645,15 +644,22 @@ class Run:
         return out
 
 
+def stage_ends(records: list[dict[str, Any]], stages: Sequence[str]) -> dict[str, int]:
+    """The last step each stage logged in `records` (the metrics lines), for the stages that have one."""
+    ends = {}
+    for stage in stages:
+        steps = [r["step"] for r in records if r.get("stage") == stage]
+        if steps:
+            ends[stage] = max(steps)
+    return ends
+
+
 def final_table(records: list[dict[str, Any]], stages: Sequence[str], samples: int) -> Any:
     """The held-out evaluations of a run as a rich table: one row per evaluation, labelled by the stage
     that had just ended ("before", "after rft", ...)."""
     from rich.table import Table
 
-    ends, end = {}, 0
-    for stage in stages:
-        end += sum(1 for r in records if r.get("stage") == stage)
-        ends.setdefault(end, stage)
+    ends = {step: stage for stage, step in stage_ends(records, stages).items()}
     table = Table(title=f"Held-out evaluation ({samples} samples per task)")
     for name in ("when", "step", "solve rate", f"pass@{samples}", "reward", "format errors", "tokens out"):
         table.add_column(name, justify="left" if name == "when" else "right", no_wrap=True)
