@@ -101,6 +101,14 @@ def _is_endpoint_error(exc: BaseException) -> bool:
     return isinstance(exc, (EndpointDown, RequestTimeout, BadResponse))
 
 
+def _error_trajectory(task: Task, episode_id: str, group_id: str, policy_version: int,
+                      prompt_ids: list[int]) -> Trajectory:
+    """The record of an episode that ended in `error`: no turns, not graded (the learner drops it)."""
+    return Trajectory(episode_id=episode_id, task_id=task.id, group_id=group_id, prompt_ids=prompt_ids, turns=[],
+                      reward=0.0, finish_reason=FinishReason.ERROR, policy_version=policy_version,
+                      metrics={"error": 1.0}, patch="", resolved=None)
+
+
 def _is_lost_sandbox(exc: BaseException) -> bool:
     """The node no longer knows a sandbox or snapshot we made there: it restarted (and swept them)."""
     return isinstance(exc, NotFound) and getattr(exc, "field", None) in ("sandbox", "snapshot")
@@ -392,10 +400,8 @@ class Scheduler:
         return ids
 
     def _error_trajectory(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> Trajectory:
-        return Trajectory(episode_id=episode_id, task_id=task.id, group_id=group_id,
-                          prompt_ids=self._prompt(task, task_workdir(task, self.config.episode_workdir)), turns=[], reward=0.0,
-                          finish_reason=FinishReason.ERROR, policy_version=policy_version,
-                          metrics={"error": 1.0}, patch="", resolved=None)
+        return _error_trajectory(task, episode_id, group_id, policy_version,
+                                 self._prompt(task, task_workdir(task, self.config.episode_workdir)))
 
     # -- groups -----------------------------------------------------------------------------------
 
@@ -855,9 +861,7 @@ class ShardedScheduler:
     def _error_result(self, item: _ShardItem, error: str | None) -> RolloutResult:
         # The prompt of an episode that never ran: rendering it needs the tokenizer, which lives in the
         # workers; the learner drops error trajectories, so a placeholder token keeps the record valid.
-        trajectory = Trajectory(episode_id=item.episode_id, task_id=item.task.id, group_id=item.group_id,
-                                prompt_ids=[0], turns=[], reward=0.0, finish_reason=FinishReason.ERROR,
-                                policy_version=item.policy_version, metrics={"error": 1.0}, patch="", resolved=None)
+        trajectory = _error_trajectory(item.task, item.episode_id, item.group_id, item.policy_version, [0])
         return RolloutResult(trajectory, None, 1, error or "unknown error in the shard worker")
 
     async def _lost(self, w: _ShardWorker, why: str) -> None:
