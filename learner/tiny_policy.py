@@ -702,6 +702,21 @@ def common_prefix(samples: Sequence[Sample]) -> int:
     return max(0, n)
 
 
+def _padded(batch: Sequence[Sample]) -> tuple[Any, Any, Any]:
+    """(ids, loss mask, attention mask), each (B, T), of `batch` right-padded with id 0."""
+    import torch
+
+    width = max(len(s.ids) for s in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.float32)  # 1 on action tokens
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, s in enumerate(batch):
+        ids[r, :len(s.ids)] = torch.tensor(s.ids)
+        mask[r, :len(s.ids)] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        attn[r, :len(s.ids)] = 1
+    return ids, mask, attn
+
+
 def hidden_states(model: Any, ids: Any, attn: Any, prefix: int) -> Any:
     """Last hidden states (B, T, H) of right-padded `ids`, whose first `prefix` tokens are the same in
     every row: that prefix goes through the model once and its KV is shared (a third of an episode
@@ -735,12 +750,7 @@ def action_accuracy(model: Any, samples: Sequence[Sample], batch: int = 8) -> di
     with torch.inference_mode():
         for k in range(0, len(samples), batch):
             chunk = samples[k:k + batch]
-            width = max(len(s.ids) for s in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, :len(s.ids)] = torch.tensor(s.ids)
-                attn[r, :len(s.ids)] = 1
+            ids, _, attn = _padded(chunk)
             pred = model.lm_head(hidden_states(model, ids, attn, common_prefix(chunk))).argmax(-1)  # (B, T)
             for r, s in enumerate(chunk):
                 ok = [bool(pred[r, t - 1] == s.ids[t]) if s.loss_mask[t] else None for t in range(1, len(s.ids))]
@@ -813,7 +823,6 @@ def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfi
         raise ValueError("pretrain: no samples")
     rng = random.Random(f"tiny-policy-sft:{config.seed}")
     torch.manual_seed(config.seed)
-    pad = 0
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -834,15 +843,7 @@ def pretrain(model: Any, samples: Sequence[Sample], config: SFTConfig = SFTConfi
     for step in range(config.steps):
         if not queue:
             queue = _batches(samples, config.batch_tokens, rng)
-        batch = [samples[i] for i in queue.pop()]
-        width = max(len(s.ids) for s in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.float32)  # (B, T): 1 on action tokens
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, s in enumerate(batch):
-            ids[r, :len(s.ids)] = torch.tensor(s.ids)
-            mask[r, :len(s.ids)] = torch.tensor(s.loss_mask, dtype=torch.float32)
-            attn[r, :len(s.ids)] = 1
+        ids, mask, attn = _padded([samples[i] for i in queue.pop()])
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         if config.context_weight > 0:  # every real token after the shared prompt, actions weighted 1
