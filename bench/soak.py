@@ -33,67 +33,23 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 
 import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sandboxd.client import connect  # noqa: E402
+from sandboxd.launch import Daemon, start_daemon  # noqa: E402
 
 LIMITS = {"memory_bytes": 256 << 20, "pids": 64, "disk_bytes": 16 << 20}
 CGROUP_MOUNT = "/sys/fs/cgroup"
 
 
 # --- the daemon ------------------------------------------------------------------------------------
-
-
-class Daemon:
-    """`sandboxd serve` in its own process; the last 200 lines of its log are kept."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.socket = os.path.join(root, "d.sock")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxd", "serve", "--root", os.path.join(root, "state"),
-             "--listen", f"unix:{self.socket}", "--log-level", "WARNING"],
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.log: deque[str] = deque(maxlen=200)
-        self.warnings = 0
-        serving = threading.Event()
-
-        def read() -> None:
-            for line in self.proc.stderr:
-                self.log.append(line.rstrip())
-                if line.startswith("sandboxd: serving on"):
-                    serving.set()
-                elif " WARNING " in line or " ERROR " in line:
-                    self.warnings += 1
-            serving.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not serving.wait(60) or self.proc.poll() is not None:
-            self.proc.kill()
-            raise SystemExit("sandboxd serve did not start:\n" + "\n".join(self.log))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
 
 
 def _cgroup_parent(state_dir: str) -> str:
@@ -151,7 +107,7 @@ def sample(daemon: Daemon) -> dict:
         rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     mountinfo = _mount_thread_mountinfo(pid)
     private_mounts = _count_lines(mountinfo) if mountinfo else -1
-    parent = _cgroup_parent(os.path.join(daemon.root, "state"))
+    parent = _cgroup_parent(daemon.root)
     cgroups = 0
     for controller in ("memory", "pids", "freezer", "unified", ""):
         top = os.path.join(CGROUP_MOUNT, controller, parent)
@@ -262,8 +218,9 @@ def window_stats(rec: Recorder, start: float, end: float) -> dict:
 
 
 async def soak(args: argparse.Namespace, work: str) -> dict:
-    daemon = Daemon(work)
-    address = f"unix:{daemon.socket}"
+    address = f"unix:{os.path.join(work, 'd.sock')}"
+    daemon = start_daemon(os.path.join(work, "state"), [address], log_level="WARNING", die_with_parent=True,
+                          timeout_s=60)
     load_start = os.getloadavg()
     try:
         async with connect(address) as node:  # warm-up: zygote, image layers, spare uppers
@@ -339,7 +296,7 @@ async def soak(args: argparse.Namespace, work: str) -> dict:
         "mounts_daemon_removed": sorted((mounts_before - mounts_after).elements())[:20],
         "node_stats_after": {k: v for k, v in node_stats.get("runtime", {}).items() if k != "background_errors"},
         "daemon_exit_code": rc,
-        "daemon_warnings": daemon.warnings,
+        "daemon_warnings": sum(1 for line in daemon.lines if " WARNING " in line or " ERROR " in line),
         "daemon_latency_p99_ms": {m: h["p99_ms"] for m, h in node_stats.get("latency", {}).items()},
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in load_end],
