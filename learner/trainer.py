@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import dapo_loss, merge_metrics, sft_loss
-from .packing import PackedRow, Sample, additive_mask, pack, total_loss_tokens
+from .packing import PackedRow, Sample, pack, total_loss_tokens
 
 __all__ = ["dapo_step", "head_logprobs", "rft_step", "row_hidden", "row_logprobs"]
 
@@ -41,16 +41,23 @@ def _base_and_head(model: nn.Module) -> tuple[nn.Module, Tensor]:
 def row_hidden(model: nn.Module, row: PackedRow) -> Tensor:
     """Final hidden states (T, H) of a packed row.
 
-    A row of one sequence runs with the model's own causal mask; several sequences get the block-causal
-    mask (additive, so every attention implementation reads it the same way).
+    A row of one sequence runs with the model's own causal mask. A row of several runs as a right-padded
+    (S, max_len) batch with a padding mask and the rows' position ids, and its valid positions are put back
+    in row order: attention then costs sum(len_s^2) instead of the T^2 of one block-causal (T, T) mask
+    (5x faster on an 8k-token row of 600-token sequences on CPU, and no (T, T) tensor), and every
+    attention implementation reads a padding mask the same way.
     """
     base, _ = _base_and_head(model)
-    mask = None
-    if row.cu_seqlens.numel() > 2:
-        dtype = next(base.parameters()).dtype
-        mask = additive_mask(row.attention_mask(), dtype)[None, None]  # (1, 1, T, T)
-    return base(input_ids=row.input_ids[None], position_ids=row.position_ids[None], attention_mask=mask,
-                use_cache=False).last_hidden_state[0]  # (T, H)
+    if row.cu_seqlens.numel() <= 2:
+        return base(input_ids=row.input_ids[None], position_ids=row.position_ids[None],
+                    use_cache=False).last_hidden_state[0]  # (T, H)
+    lengths = row.cu_seqlens[1:] - row.cu_seqlens[:-1]
+    valid = torch.arange(int(lengths.max()), device=lengths.device)[None, :] < lengths[:, None]  # (S, L)
+    input_ids = row.input_ids.new_zeros(valid.shape).masked_scatter(valid, row.input_ids)
+    position_ids = row.position_ids.new_zeros(valid.shape).masked_scatter(valid, row.position_ids)
+    hidden = base(input_ids=input_ids, position_ids=position_ids, attention_mask=valid.long(),
+                  use_cache=False).last_hidden_state  # (S, L, H)
+    return hidden[valid]  # (T, H): row-major over `valid` is the row's order
 
 
 def head_logprobs(model: nn.Module, hidden: Tensor, row: PackedRow, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
