@@ -172,6 +172,9 @@ class DapoConfig:
     # failed episodes, sampled at temperature 1, are full of low-probability tokens whose gradients
     # dominate the batch and wreck it (the shipped tiny policy collapses with 1).
     negative_weight: float = 1.0
+    # A trajectory with a positive advantage carries no loss on its malformed tool calls (RFT's rule):
+    # without it a success with a bad call teaches the bad call too (format errors then grow step by step).
+    mask_format_errors: bool = True
     lr: float = 0.0  # 0: optim.lr
 
 

@@ -86,17 +86,20 @@ def dapo_samples(
     *,
     overlong_filter: bool = True,
     truncated: Collection[FinishReason] = TRUNCATED,
+    mask_positive_format_errors: bool = False,
 ) -> list[Sample]:
     """One `Sample` per trajectory, less the truncated ones when `overlong_filter` is on.
 
     Advantages are computed on the whole group first (truncated trajectories included), as in
     DAPO; filtering then removes the truncated trajectories' tokens from the loss and from its
-    token count, which is the same as masking them and cheaper.
+    token count, which is the same as masking them and cheaper. With `mask_positive_format_errors`,
+    a trajectory with a positive advantage carries no loss on its malformed tool calls (a success
+    does not reinforce them; a failure still pushes them down), as RFT masks them.
     """
     if len(trajectories) != len(advantages):
         raise ValueError(f"{len(trajectories)} trajectories but {len(advantages)} advantages")
     return [
-        Sample.from_trajectory(t, a)
+        Sample.from_trajectory(t, a, skip_format_errors=mask_positive_format_errors and a > 0)
         for t, a in zip(trajectories, advantages)
         if not (overlong_filter and t.finish_reason in truncated)
     ]

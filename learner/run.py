@@ -400,7 +400,8 @@ class Run:
             trajectories += group
             advantages += [a if a >= 0 else a * cfg.negative_weight
                            for a in group_advantages([self._shaped_reward(t) for t in group])]
-        samples = [s for s in dapo_samples(trajectories, advantages, overlong_filter=cfg.overlong_filter)
+        samples = [s for s in dapo_samples(trajectories, advantages, overlong_filter=cfg.overlong_filter,
+                                                mask_positive_format_errors=cfg.mask_format_errors)
                    if s.num_loss_tokens > 0]
         if cfg.loss_agg == "sequence":
             samples = sequence_mean(samples)

@@ -223,3 +223,17 @@ def test_sequence_mean_turns_the_token_level_loss_into_the_mean_of_per_episode_m
                    for lp, o, s in zip(logp, old, samples[:2])]
     assert token_level(scaled[:2]).item() == pytest.approx((sum(per_episode) / 2).item(), rel=1e-5)
     assert token_level(samples[:2]).item() != pytest.approx((sum(per_episode) / 2).item(), rel=1e-3)
+
+
+def test_dapo_masks_malformed_calls_only_where_the_advantage_is_positive():
+    import dataclasses
+
+    traj = trajectory([1, 1], [([2, 3], [7]), ([4], [8, 8]), ([5, 6], [])])
+    bad = dataclasses.replace(traj, turns=[traj.turns[0], dataclasses.replace(traj.turns[1], format_error=True),
+                                           traj.turns[2]])
+    win, lose, zero = dapo_samples([bad, bad, bad], [0.5, -0.5, 0.0], mask_positive_format_errors=True)
+    assert win.loss_mask == [0, 0, 1, 1, 0, 0, 0, 0, 1, 1]  # a success does not reinforce the malformed turn
+    assert lose.loss_mask == [0, 0, 1, 1, 0, 1, 0, 0, 1, 1]  # a failure still pushes it down
+    assert zero.loss_mask == lose.loss_mask
+    plain = dapo_samples([bad], [0.5])  # off by default in the function (DAPO as published)
+    assert plain[0].loss_mask == lose.loss_mask
