@@ -13,7 +13,9 @@
   float form. With Hugging Face models (checked with transformers 5 Qwen2): pass
   ``mask[None, None]`` as `attention_mask` plus `position_ids`; SDPA takes the bool mask, eager
   needs the additive one (it silently mis-reads a bool mask), and position ids alone isolate
-  nothing outside flash-attn.
+  nothing outside flash-attn. Its cost is T^2 per row: `learner.trainer.row_hidden` instead runs
+  a row of several sequences as a right-padded (S, max_len) batch (sum of len^2), and keeps this
+  mask for tests and for code that needs one row as one sequence.
 - `unpack` / `unpack_rows`: per-position values of a row back to per-sequence tensors.
 
 Alignment in a row: position t holds ``input_ids[t]`` and predicts ``targets[t]``, the next token
