@@ -151,9 +151,14 @@ class FakeSandbox:
                 pass
 
     async def exec(self, argv: Sequence[str] | str, *, timeout_s: float = 600.0, **kwargs: Any) -> ExecResult:
-        self.node._check()
-        await self.node._delay()
-        out = self.node.run_command(argv if isinstance(argv, str) else " ".join(argv))
+        node = self.node  # the tool of most turns: _check and _delay inline
+        if node.dead:
+            node._check()
+        if node.latency_s:
+            await fake_latency(node.latency_s)
+        else:
+            await trio.lowlevel.checkpoint()
+        out = node.run_command(argv if isinstance(argv, str) else " ".join(argv))
         return ExecResult(0, out, False, False, 0.0, len(out))
 
     async def read_file(self, path: str, **kwargs: Any) -> bytes:

@@ -20,7 +20,6 @@ past that, `ShardedScheduler` runs the episodes over worker processes, each with
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib
 import inspect
@@ -319,7 +318,7 @@ class Scheduler:
         resolved = bool(getattr(report, "resolved", False))
         reward = float(self.reward_fn(task, trajectory, report))
         grade = report.to_dict() if hasattr(report, "to_dict") else None
-        trajectory = dataclasses.replace(trajectory, reward=reward, resolved=resolved if report is not None else False)
+        trajectory = trajectory.graded(reward=reward, resolved=resolved if report is not None else False)
         return RolloutResult(trajectory, grade, 0)
 
     async def _episode(self, task: Task, sandbox: Any, episode_id: str, group_id: str,

@@ -103,6 +103,16 @@ def _str_list(where: str, value: Any) -> list[str]:
 
 def _token_ids(where: str, value: Any) -> list[int]:
     """Token ids as a list of ints in [0, 2**31): the int32 range the packed encoding holds."""
+    if type(value) is list:  # the common case, fast: a turn checks two lists of ids
+        try:
+            # 'I' (unsigned 32-bit) checks type and sign at a quarter of the cost of 'i' (which
+            # parses each item as a format argument); the max then bounds it to int32.
+            ids = array("I", value)
+        except (TypeError, OverflowError):
+            pass  # the general path says what is wrong
+        else:
+            if not ids or max(ids) < 2**31:
+                return ids.tolist()
     if isinstance(value, array) and value.typecode == "i":
         ids = value
     else:
@@ -123,6 +133,14 @@ def _token_ids(where: str, value: Any) -> list[int]:
 
 def _logprobs(where: str, value: Any) -> list[float]:
     """Logprobs rounded to float32 (the stored precision) and checked finite."""
+    if type(value) is list:  # the common case, without the ABC checks below
+        try:
+            lps = array("f", value)
+        except TypeError:
+            pass  # the general path says what is wrong
+        else:
+            if math.isfinite(sum(lps)):  # see below
+                return lps.tolist()
     if isinstance(value, array) and value.typecode == "f":
         lps = value
     else:
@@ -304,18 +322,44 @@ class Turn(_Record):
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "action_ids", _token_ids("Turn.action_ids", self.action_ids))
-        set_(self, "action_logprobs", _logprobs("Turn.action_logprobs", self.action_logprobs))
-        if len(self.action_logprobs) != len(self.action_ids):
-            raise ValueError(
-                f"Turn.action_logprobs: length {len(self.action_logprobs)} != "
-                f"len(action_ids) {len(self.action_ids)}"
-            )
+        ids, lps = self.check_action(self.action_ids, self.action_logprobs)
+        set_(self, "action_ids", ids)
+        set_(self, "action_logprobs", lps)
         set_(self, "observation_ids", _token_ids("Turn.observation_ids", self.observation_ids))
-        _str("Turn.tool", self.tool)
-        _bool("Turn.format_error", self.format_error)
-        set_(self, "llm_s", _float("Turn.llm_s", self.llm_s, minimum=0.0))
-        set_(self, "tool_s", _float("Turn.tool_s", self.tool_s, minimum=0.0))
+        if type(self.tool) is not str:
+            _str("Turn.tool", self.tool)
+        if type(self.format_error) is not bool:
+            _bool("Turn.format_error", self.format_error)
+        # An episode builds a Turn per model turn: plain non-negative finite floats skip the calls.
+        llm_s, tool_s = self.llm_s, self.tool_s
+        if not (type(llm_s) is float and 0.0 <= llm_s < math.inf):
+            set_(self, "llm_s", _float("Turn.llm_s", llm_s, minimum=0.0))
+        if not (type(tool_s) is float and 0.0 <= tool_s < math.inf):
+            set_(self, "tool_s", _float("Turn.tool_s", tool_s, minimum=0.0))
+
+    @staticmethod
+    def check_action(action_ids: Any, action_logprobs: Any) -> tuple[list[int], list[float]]:
+        """A sampler's tokens and logprobs checked and normalised as the constructor does it (same
+        errors, naming ``Turn.action_ids`` / ``Turn.action_logprobs``): new lists, logprobs rounded
+        to float32. With `from_checked`, the episode loop's fast path: it checks what the sampler
+        returned as soon as it arrives, and builds the turn later without a second pass."""
+        ids = _token_ids("Turn.action_ids", action_ids)
+        lps = _logprobs("Turn.action_logprobs", action_logprobs)
+        if len(lps) != len(ids):
+            raise ValueError(f"Turn.action_logprobs: length {len(lps)} != len(action_ids) {len(ids)}")
+        return ids, lps
+
+    @classmethod
+    def from_checked(cls, action_ids: list[int], action_logprobs: list[float], observation_ids: list[int],
+                     tool: str, format_error: bool, llm_s: float, tool_s: float) -> Turn:
+        """A Turn of fields already in the constructor's normal form, not checked again: the action as
+        `check_action` returned it, observation ids a new list of ints from the tokenizer, `tool` a
+        str, `format_error` a bool, the times non-negative floats. Only for the episode loop, which
+        builds one per model turn; anything else uses the constructor."""
+        turn = object.__new__(cls)
+        turn.__dict__.update(action_ids=action_ids, action_logprobs=action_logprobs, observation_ids=observation_ids,
+                             tool=tool, format_error=format_error, llm_s=llm_s, tool_s=tool_s)
+        return turn
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -391,6 +435,18 @@ class Trajectory(_Record):
             metrics[key] = _float(f"Trajectory.metrics[{key!r}]", value, finite=False)
         set_(self, "metrics", metrics)
         set_(self, "created_at", _float("Trajectory.created_at", self.created_at, minimum=0.0))
+
+    def graded(self, *, reward: float, resolved: bool | None) -> Trajectory:
+        """A copy with `reward` and `resolved` set (checked as the constructor checks them); the other
+        fields, checked when this record was built, are not checked again (`dataclasses.replace`
+        would re-check every token of the episode)."""
+        reward = _float("Trajectory.reward", reward)
+        if resolved is not None:
+            _bool("Trajectory.resolved", resolved)
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__, prompt_ids=list(self.prompt_ids), turns=list(self.turns),
+                            metrics=dict(self.metrics), reward=reward, resolved=resolved)
+        return out
 
     # -- flattening for the learner: three aligned sequences of length num_tokens --------------
 

@@ -74,25 +74,6 @@ def build_prompt_ids(tokenizer: Tokenizer, task: Task, workdir: str = "/testbed"
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-async def _tool_observation(tools: Tools, text: str) -> tuple[str, str, bool, bool, bool]:
-    """(observation, tool name, format_error, submitted, tool_failed) for the model's text."""
-    try:
-        call = parse_tool_call(text)
-    except FormatError as exc:
-        return str(exc), "", True, False, False
-    try:
-        result = await tools.run(call)
-    except OSError as exc:  # a local workspace's file error: the model's to handle
-        return f"Error: {exc}", call.name, False, False, True
-    except Exception as exc:
-        # Typed sandbox errors about the request (a path outside the repository, a file too large)
-        # are the model's to handle; a lost node or endpoint is the scheduler's.
-        if getattr(exc, "code", None) in ("bad_request", "not_found", "limit"):
-            return f"Error: {exc}", call.name, False, False, True
-        raise
-    return result.observation, call.name, False, result.submitted, result.failed
-
-
 async def run_episode(
     task: Task,
     workspace: Workspace,
@@ -122,49 +103,72 @@ async def run_episode(
     context: list[int] = list(prompt_ids)
     turns: list[Turn] = []
     finish = FinishReason.MAX_TURNS
-    counts = {"format_errors": 0, "tool_failures": 0}
 
     perf_counter = time.perf_counter
     stop_token_ids = chat.stop_token_ids
+    check_action, make_turn = Turn.check_action, Turn.from_checked
+    max_context, min_turn, max_turn_tokens = config.max_context_tokens, config.min_turn_tokens, config.max_turn_tokens
+    format_errors = tool_failures = 0
     with trio.move_on_after(config.wall_time_s) as budget:
         for _ in range(config.max_turns):
-            room = config.max_context_tokens - len(context)
-            if room < config.min_turn_tokens:
+            room = max_context - len(context)
+            if room < min_turn:
                 finish = FinishReason.CONTEXT_OVERFLOW
                 break
             t0 = perf_counter()
             try:
                 completion = await sampler.complete(
-                    context, max_tokens=min(config.max_turn_tokens, room), stop=STOP_SEQUENCES,
+                    context, max_tokens=min(max_turn_tokens, room), stop=STOP_SEQUENCES,
                     stop_token_ids=stop_token_ids,
                 )
             except ContextOverflow:  # the server's context is shorter than the configured one
                 finish = FinishReason.CONTEXT_OVERFLOW
                 break
             t1 = perf_counter()
-            action_ids = completion.token_ids  # `Turn` keeps its own copy
+            # What the sampler returned is checked as it arrives (the errors `Turn` gives: ids in
+            # int32 and >= 0, finite logprobs, one per id), before anything decodes it; the checked
+            # copies go into the turn as they are (`Turn.from_checked`).
+            action_ids, action_logprobs = check_action(completion.token_ids, completion.logprobs)
             context += action_ids
             text = codec.decode(action_ids)
             t2 = perf_counter()
-            observation, tool, format_error, submitted, failed = await _tool_observation(tools, text)
+            # The tool call (inline rather than a helper coroutine: one frame less to resume at each
+            # of the tool's awaits). The model's errors become observations; the infrastructure's raise.
+            submitted = failed = format_error = False
+            try:
+                call = parse_tool_call(text)
+            except FormatError as exc:
+                observation, tool, format_error = str(exc), "", True
+                format_errors += 1
+            else:
+                tool = call.name
+                try:
+                    result = await tools.run(call)
+                except OSError as exc:  # a local workspace's file error: the model's to handle
+                    observation, failed = f"Error: {exc}", True
+                except Exception as exc:
+                    # Typed sandbox errors about the request (a path outside the repository, a file
+                    # too large) are the model's to handle; a lost node or endpoint is the scheduler's.
+                    if getattr(exc, "code", None) not in ("bad_request", "not_found", "limit"):
+                        raise
+                    observation, failed = f"Error: {exc}", True
+                else:
+                    observation, submitted, failed = result.observation, result.submitted, result.failed
+                tool_failures += failed
             t3 = perf_counter()
-            counts["format_errors"] += format_error
-            counts["tool_failures"] += failed
             observation_ids: list[int] = []
             if not submitted:
                 turn_closed = bool(action_ids) and action_ids[-1] in stop_token_ids
                 observation_ids = codec.encode(chat.observation_text(observation, turn_closed=turn_closed))
-            overflow = len(context) + len(observation_ids) > config.max_context_tokens
+            overflow = len(context) + len(observation_ids) > max_context
             if overflow:
                 observation_ids = []  # the model never sees it: nothing to keep
-            turns.append(Turn(action_ids=action_ids, action_logprobs=completion.logprobs,
-                              observation_ids=observation_ids, tool=tool, format_error=format_error,
-                              llm_s=t1 - t0, tool_s=t3 - t2))
+            turns.append(make_turn(action_ids, action_logprobs, observation_ids, tool, format_error, t1 - t0, t3 - t2))
             context += observation_ids
             if submitted:
                 finish = FinishReason.SUBMITTED
                 break
-            if overflow or (completion.finish_reason == "length" and len(context) >= config.max_context_tokens):
+            if overflow or (completion.finish_reason == "length" and len(context) >= max_context):
                 finish = FinishReason.CONTEXT_OVERFLOW
                 break
     if budget.cancelled_caught:
@@ -175,8 +179,8 @@ async def run_episode(
         patch = await get_diff(task.base_commit)
     metrics = {
         "turns": float(len(turns)),
-        "format_errors": float(counts["format_errors"]),
-        "tool_failures": float(counts["tool_failures"]),
+        "format_errors": float(format_errors),
+        "tool_failures": float(tool_failures),
         "wall_s": time.perf_counter() - t_start,
         "tokens": float(len(context)),
     }

@@ -96,8 +96,8 @@ def _check(name: str, arguments: dict[str, Any], fmt: str) -> ToolCall:
         if key not in spec.required and key not in spec.optional:
             allowed = ", ".join(spec.required + spec.optional) or "none"
             raise FormatError(f"Tool {name!r} has no parameter {key!r} (parameters: {allowed}).")
-    missing = [key for key in spec.required if key not in arguments]
-    if missing:
+    if len(arguments) < len(spec.required) or not all(key in arguments for key in spec.required):
+        missing = [key for key in spec.required if key not in arguments]
         raise FormatError(f"Tool {name!r} is missing the parameter {missing[0]!r}.")
     for key in spec.int_params:
         if key in arguments:
@@ -106,9 +106,10 @@ def _check(name: str, arguments: dict[str, Any], fmt: str) -> ToolCall:
                 arguments[key] = int(str(value).strip())
             except ValueError:
                 raise FormatError(f"Parameter {key!r} of {name!r} must be a whole number, got {value!r}.") from None
-    for key, value in arguments.items():
-        if key not in spec.int_params and not isinstance(value, str):
-            arguments[key] = value if isinstance(value, str) else json.dumps(value)
+    if fmt != "function":  # function-block values are str already; JSON ones may be anything
+        for key, value in arguments.items():
+            if key not in spec.int_params and not isinstance(value, str):
+                arguments[key] = json.dumps(value)
     return ToolCall(name, arguments, fmt)
 
 
@@ -151,19 +152,27 @@ def parse_tool_call(text: str) -> ToolCall:
     vLLM leaves the stop string out of the returned text unless asked to include it, so a text ending
     inside an open ``<function=...>`` or ``<tool_call>`` block is treated as closed at its end.
     """
+    # Each pattern starts with its literal tag: a text without the tag cannot match it (a substring
+    # test costs a fraction of a regex search, and most texts hold only one of the two formats).
+    function_at = text.find("<function=")
+    hermes_at = text.find("<tool_call>")
     candidates: list[tuple[int, re.Match[str], str]] = []
-    for pattern, kind in ((_FUNCTION, "function"), (_HERMES, "hermes")):
-        match = pattern.search(text)
+    for at, pattern, kind in ((function_at, _FUNCTION, "function"), (hermes_at, _HERMES, "hermes")):
+        match = pattern.search(text, at) if at >= 0 else None
         if match:
             candidates.append((match.start(), match, kind))
     if not candidates:
-        for pattern, kind in ((_FUNCTION_OPEN, "function"), (_HERMES_OPEN, "hermes")):
-            match = pattern.search(text)
+        for at, pattern, kind in ((function_at, _FUNCTION_OPEN, "function"), (hermes_at, _HERMES_OPEN, "hermes")):
+            match = pattern.search(text, at) if at >= 0 else None
             if match:
                 candidates.append((match.start(), match, kind))
     if not candidates:
         raise FormatError(
             "No tool call found. Reply with your reasoning, then exactly one tool call, for example:\n" + _EXAMPLE
         )
-    _, match, kind = min(candidates, key=lambda c: c[0])
+    _, match, kind = min(candidates, key=_first) if len(candidates) > 1 else candidates[0]
     return _parse_function(match) if kind == "function" else _parse_hermes(match)
+
+
+def _first(candidate: tuple[int, Any, str]) -> int:
+    return candidate[0]

@@ -67,6 +67,8 @@ class Tools:
             return ToolResult("The command is empty.", failed=True)
         res = await self.workspace.exec(command, timeout_s=self.bash_timeout_s, max_output_bytes=4 * self.max_observation_chars)
         out = res.output.decode("utf-8", errors="replace")
+        if out and res.exit_code == 0 and not res.timed_out:  # the common case: no notes to add
+            return ToolResult(out.strip("\n"))
         notes = []
         if res.timed_out:
             notes.append(f"[command timed out after {self.bash_timeout_s:g} s and was killed]")

@@ -174,6 +174,33 @@ FIX = ["Let me look.\n<function=view>\n<parameter=path>pkg/calc.py</parameter>\n
        "<function=submit>\n</function>"]
 
 
+@pytest.mark.parametrize(("spoil", "error", "message"), [
+    (lambda ids, lps: (ids + [-1], lps + [-0.5]), ValueError, r"^Turn\.action_ids\[\d+\]: token id must be >= 0"),
+    (lambda ids, lps: (ids, lps[:-1] + [float("nan")]), ValueError, r"^Turn\.action_logprobs\[\d+\]: logprob must be finite"),
+    (lambda ids, lps: (ids, lps[:-1]), ValueError, r"^Turn\.action_logprobs: length \d+ != len\(action_ids\)"),
+])
+async def test_a_bad_sampler_reply_fails_the_episode_before_its_tool_runs(toy_repo, tiny_tokenizer, spoil, error, message):
+    """The sampler's reply is checked as it arrives (as `Turn` checks it), not after its tool call ran."""
+    repo, commit = toy_repo
+    ran = []
+
+    class Workspace(LocalWorkspace):
+        async def exec(self, *args, **kwargs):
+            ran.append(args)
+            return await super().exec(*args, **kwargs)
+
+    class BadSampler:
+        async def complete(self, prompt_ids, *, max_tokens, stop, stop_token_ids):
+            ids = tiny_tokenizer.encode("<function=bash>\n<parameter=command>ls</parameter>\n</function>",
+                                        add_special_tokens=False) + [stop_token_ids[0]]
+            return Reply(*spoil(ids, [-0.5] * len(ids)))
+
+    with pytest.raises(error, match=message):
+        await run_episode(make_task(commit), Workspace(repo), BadSampler(), tiny_tokenizer,
+                          ChatFormat.from_tokenizer(tiny_tokenizer), episode_id="e1", group_id="g1")
+    assert ran == []
+
+
 @pytest.mark.parametrize("char_level", [False, True], ids=["canonical", "non_canonical"])
 async def test_episode_is_token_exact(toy_repo, tiny_tokenizer, char_level):
     repo, commit = toy_repo

@@ -218,6 +218,12 @@ def test_trajectory_validation_names_the_field(overrides: dict, error: type, fie
         ({"action_logprobs": [-0.5, 1e300]}, ValueError, "Turn.action_logprobs[1]"),  # inf in float32
         ({"action_logprobs": [-0.5, "x"]}, TypeError, "Turn.action_logprobs"),
         ({"observation_ids": [-1]}, ValueError, "Turn.observation_ids[0]"),
+        ({"action_ids": [5, 2**31], "action_logprobs": [-0.5, -0.5]}, ValueError, "Turn.action_ids[1]"),
+        ({"action_ids": [5, 2**32], "action_logprobs": [-0.5, -0.5]}, ValueError, "Turn.action_ids[1]"),
+        ({"action_ids": [5, 1.0], "action_logprobs": [-0.5, -0.5]}, TypeError, "Turn.action_ids"),
+        ({"action_ids": (5, -2), "action_logprobs": [-0.5, -0.5]}, ValueError, "Turn.action_ids[1]"),
+        ({"llm_s": math.inf}, ValueError, "Turn.llm_s"),
+        ({"tool_s": "1"}, TypeError, "Turn.tool_s"),
         ({"format_error": "no"}, TypeError, "Turn.format_error"),
         ({"llm_s": -1.0}, ValueError, "Turn.llm_s"),
         ({"tool": None}, TypeError, "Turn.tool"),
@@ -227,6 +233,32 @@ def test_turn_validation_names_the_field(overrides: dict, error: type, field: st
     with pytest.raises(error) as info:
         make_turn(**overrides)
     assert str(info.value).startswith(field), str(info.value)
+
+
+def test_check_action_and_from_checked_make_the_constructors_turn() -> None:
+    ids, lps = Turn.check_action([5, 2**31 - 1, True], (-0.1, 0, -2.5))
+    assert ids == [5, 2**31 - 1, 1] and lps == make_turn(action_logprobs=[-0.1, 0, -2.5], action_ids=[1, 2, 3]).action_logprobs
+    assert all(type(v) is int for v in ids) and all(type(v) is float for v in lps)
+    turn = Turn.from_checked(ids, lps, [7], "bash", False, 0.5, 0.25)
+    assert turn == Turn(action_ids=[5, 2**31 - 1, 1], action_logprobs=[-0.1, 0.0, -2.5], observation_ids=[7], tool="bash",
+                        llm_s=0.5, tool_s=0.25)
+    assert Turn.from_msgpack(turn.to_msgpack()) == turn
+    with pytest.raises(ValueError, match=r"^Turn\.action_logprobs: length 1 != len\(action_ids\) 2"):
+        Turn.check_action([1, 2], [-0.5])
+    with pytest.raises(ValueError, match=r"^Turn\.action_logprobs\[0\]: logprob must be finite"):
+        Turn.check_action([1], [math.nan])
+
+
+def test_graded_sets_reward_and_resolved_only() -> None:
+    traj = make_trajectory(reward=0.0, resolved=None)
+    graded = traj.graded(reward=1, resolved=True)
+    assert graded == make_trajectory(reward=1.0, resolved=True, created_at=traj.created_at)
+    assert type(graded.reward) is float and traj.reward == 0.0 and traj.resolved is None
+    assert graded.prompt_ids is not traj.prompt_ids and graded.turns is not traj.turns
+    with pytest.raises(ValueError, match=r"^Trajectory\.reward"):
+        traj.graded(reward=math.nan, resolved=False)
+    with pytest.raises(TypeError, match=r"^Trajectory\.resolved"):
+        traj.graded(reward=0.0, resolved=1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
