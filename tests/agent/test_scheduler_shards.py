@@ -155,3 +155,32 @@ async def test_a_worker_whose_parent_is_gone_stops_at_once():
                 with trio.fail_after(10):  # not the 90 s its episodes would take
                     await worker.process.wait()
             assert sched.counters["workers_lost"] == 1 and sched.counters["errors"] == 2
+
+
+async def test_results_cross_packed_and_come_back_equal(tiny_tokenizer):
+    """What a worker sends (`_pack_result`, pickled) is rebuilt in the parent equal field for field."""
+    import pickle
+
+    from agent.scheduler import RolloutResult, _pack_result, _unpack_result
+    from runtime.records import Turn
+
+    results = await make_scheduler(0, 1).run_group(task(0), 2, group_id="g")
+    error = RolloutResult(dataclasses.replace(results[0].trajectory, turns=[], finish_reason=FinishReason.ERROR,
+                                              resolved=None, metrics={"error": 1.0}), None, 3, "EndpointDown: x")
+    odd = dataclasses.replace(results[1].trajectory.turns[0], action_logprobs=[-1e-30] * len(results[1].trajectory.turns[0].action_ids),
+                              format_error=True, tool="")
+    mixed = RolloutResult(dataclasses.replace(results[1].trajectory, turns=[odd, *results[1].trajectory.turns]),
+                          {"resolved": True, "tests": {"a": "PASSED"}}, 2)
+    for result in [*results, error, mixed]:
+        packed = _pack_result(result)
+        assert type(packed) is tuple
+        back = _unpack_result(pickle.loads(pickle.dumps(packed)))
+        assert back == result
+        assert back.trajectory.token_ids() == result.trajectory.token_ids()
+        assert all(type(t) is Turn for t in back.trajectory.turns)
+
+    class Marked(RolloutResult):
+        pass
+
+    subclassed = Marked(results[0].trajectory, None, 1)
+    assert _pack_result(subclassed) is subclassed  # sent as it is
