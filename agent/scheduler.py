@@ -29,11 +29,11 @@ import logging
 import os
 import pickle
 import struct
-from array import array
 import subprocess
 import sys
 import time
 import traceback
+from array import array
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -465,6 +465,9 @@ def _frame(message: Any) -> bytes:
     return _FRAME.pack(len(payload)) + payload
 
 
+_PACKED_FIELDS = frozenset({"prompt_ids", "turns", "finish_reason"})  # the fields packed apart
+
+
 def _pack_result(result: RolloutResult) -> tuple | RolloutResult:
     """`result` as a tuple of a few bytes objects and scalars (see `_unpack_result`); the result itself
     when its records are not the plain classes (a subclass may carry more than the fields packed here)."""
@@ -490,8 +493,6 @@ def _pack_result(result: RolloutResult) -> tuple | RolloutResult:
             array("d", times).tobytes(), array("I", lengths).tobytes(), [t.tool for t in traj.turns],
             bytes([t.format_error for t in traj.turns]), result.grade, result.attempts, result.error)
 
-
-_PACKED_FIELDS = frozenset({"prompt_ids", "turns", "finish_reason"})
 
 
 def _unpack_result(packed: tuple) -> RolloutResult:

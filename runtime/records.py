@@ -133,18 +133,11 @@ def _token_ids(where: str, value: Any) -> list[int]:
 
 def _logprobs(where: str, value: Any) -> list[float]:
     """Logprobs rounded to float32 (the stored precision) and checked finite."""
-    if type(value) is list:  # the common case, without the ABC checks below
-        try:
-            lps = array("f", value)
-        except TypeError:
-            pass  # the general path says what is wrong
-        else:
-            if math.isfinite(sum(lps)):  # see below
-                return lps.tolist()
     if isinstance(value, array) and value.typecode == "f":
         lps = value
     else:
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        # a plain list (a turn's logprobs, the common case) skips the ABC checks
+        if type(value) is not list and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence)):
             raise TypeError(f"{where}: expected a sequence of float logprobs, got {_describe(value)}")
         try:
             lps = array("f", value)
