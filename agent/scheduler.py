@@ -45,7 +45,7 @@ from runtime.records import FinishReason, Task, Trajectory, Turn
 from runtime.wire import ConnectionLost, NotFound, RpcTimeout
 
 from .llm.errors import BadResponse, EndpointDown, RequestTimeout
-from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompt_ids, run_episode
+from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompts, run_episode
 from .scaffold.chat import TextCodec
 
 __all__ = ["Grader", "NodeLost", "Policy", "RolloutResult", "Scheduler", "SchedulerConfig", "ShardedScheduler",
@@ -84,8 +84,9 @@ class SchedulerConfig:
     episode_workdir: str = "/testbed"  # where the repository is in a sandbox, unless the task says (task_workdir)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     # CPython's youngest-generation GC threshold while rollouts run (0: leave the process's alone). See
-    # `relaxed_gc`: at the default (700) collections took ~40% of the CPU of bench/scheduler.py (c).
-    gc_threshold: int = 100_000
+    # `relaxed_gc`: at the default (700) collections took ~40% of the CPU of bench/scheduler.py (c); at
+    # 100,000, five collections of 16-83 ms each stalled its 4,096 episodes; at 10^6, none ran.
+    gc_threshold: int = 1_000_000
 
 
 @dataclass
@@ -131,6 +132,7 @@ class _Node:
         self.snapshots: dict[str, str] = {}  # task id -> snapshot of its environment on this node
         self.setup_locks: dict[str, trio.Lock] = {}
         self.users: dict[str, int] = {}  # task id -> groups using its snapshot
+        self.placed = 0  # episodes placed here and not finished (running, or waiting for capacity)
 
 
 RewardFn = Callable[[Task, Trajectory, Any], float]
@@ -158,25 +160,38 @@ def task_workdir(task: Task, default: str = "/testbed") -> str:
 
 _gc_holders = 0  # rollouts inside `relaxed_gc`, over every scheduler of the process
 _gc_saved: tuple[int, int, int] = gc.get_threshold()
+_gc_promote = False  # the outermost block found nothing frozen: it may promote with freeze/unfreeze
 
 
 @contextmanager
 def relaxed_gc(threshold: int) -> Iterator[None]:
-    """CPython's youngest-generation GC threshold raised to `threshold` while the block runs.
+    """CPython's youngest-generation GC threshold raised to `threshold` while the block runs, and what
+    the block leaves alive promoted to the oldest generation, unscanned, when it ends.
 
     Thousands of episodes in flight keep 10^5-10^6 container objects alive (token lists, turns,
-    coroutine frames), and at the default threshold (a collection per 700 net allocations) the
-    collector keeps promoting them and then scanning them all in full collections: in
-    bench/scheduler.py (c), 4,096 episodes x 20 turns, ~740 collections took ~40% of the run's CPU.
-    Reference cycles are still collected, only less often. Concurrent and nested blocks share the
-    setting; the last one to end restores the process's own. `threshold` <= 0: no change.
+    coroutine frames). At the default threshold (a collection per 700 net allocations) the collector
+    keeps promoting them and then scanning them all in full collections: in bench/scheduler.py (c),
+    4,096 episodes x 20 turns, ~740 collections took ~40% of the run's CPU. A young collection costs
+    ~0.7 us per live young object there (they are scattered over thousands of interleaved episodes),
+    so each one at 100,000 took 16-83 ms of stalled event loop.
+
+    The block's survivors are mostly results on their way to the caller (trajectories, ~5 objects a
+    turn). Scanning them young when the block ends would be the largest pause of all (420,000 objects,
+    290 ms, right after the last episode). So the outermost block ends with ``gc.freeze(); gc.unfreeze()``,
+    which moves every tracked object to the oldest generation without scanning; reference cycles among
+    them are still found, by the next full collection. It does so only when nothing was frozen as it
+    began: unfreezing would hand someone else's `gc.freeze()` back to the collector.
+
+    Concurrent and nested blocks share the setting; the last one to end restores the process's own.
+    `threshold` <= 0: no change.
     """
-    global _gc_holders, _gc_saved
+    global _gc_holders, _gc_saved, _gc_promote
     if threshold <= 0:
         yield
         return
     if _gc_holders == 0:
         _gc_saved = gc.get_threshold()
+        _gc_promote = gc.get_freeze_count() == 0
         gc.set_threshold(max(threshold, _gc_saved[0]), *_gc_saved[1:])
     _gc_holders += 1
     try:
@@ -184,6 +199,9 @@ def relaxed_gc(threshold: int) -> Iterator[None]:
     finally:
         _gc_holders -= 1
         if _gc_holders == 0:
+            if _gc_promote and gc.isenabled() and gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.set_threshold(*_gc_saved)
 
 
@@ -221,15 +239,24 @@ class Scheduler:
         self._release = getattr(policy, "release_endpoint", None)
         self.episode_limiter = trio.CapacityLimiter(config.max_episodes)
         self.counters: dict[str, int] = {"started": 0, "finished": 0, "retried": 0, "errors": 0, "resolved": 0,
-                                         "running": 0}
+                                         "running": 0, "environments": 0}  # environments: snapshots built
 
     # -- nodes ------------------------------------------------------------------------------------
 
     def _pick_node(self, exclude: set[str]) -> _Node:
+        """The least loaded usable node: not draining, healthy, not in `exclude`, in that order of need.
+        Load counts placed episodes, not sandboxes in use: a group placed a moment ago counts at once."""
         live = [n for n in self.nodes if not n.draining] or self.nodes
         healthy = [n for n in live if n.healthy and n.name not in exclude] or [
             n for n in live if n.name not in exclude] or live
-        return min(healthy, key=lambda n: n.limiter.borrowed_tokens / n.limiter.total_tokens)
+        return min(healthy, key=lambda n: n.placed / n.limiter.total_tokens)
+
+    def _place_group(self, n: int) -> _Node:
+        """The node for a group of `n` rollouts, reserved for them (each `rollout` given it takes one):
+        a group's rollouts fork one snapshot of its task's environment there, built once."""
+        node = self._pick_node(set())
+        node.placed += n
+        return node
 
     def add_node(self, client: Any) -> None:
         """A sandbox node joined (`agent.discovery`): new episodes may start there. A node of the same
@@ -283,6 +310,7 @@ class Scheduler:
                         with trio.CancelScope(shield=True):
                             await sandbox.destroy()
                 node.snapshots[task.id] = snap
+                self.counters["environments"] += 1
             node.users[task.id] = node.users.get(task.id, 0) + 1
             return snap
 
@@ -304,7 +332,12 @@ class Scheduler:
 
     async def _attempt(self, node: _Node, task: Task, episode_id: str, group_id: str,
                        policy_version: int) -> RolloutResult:
-        snap = await self._environment(node, task)
+        node.placed += 1
+        try:
+            snap = await self._environment(node, task)
+        except BaseException:
+            node.placed -= 1
+            raise
         try:
             async with node.limiter:
                 sandbox = await node.client.fork(snap, workdir=task_workdir(task, self.config.episode_workdir))
@@ -315,6 +348,7 @@ class Scheduler:
                         await sandbox.restore(snap)  # a fresh checkout for grading, in milliseconds
                         report = await self.grader(task, trajectory.patch, sandbox, timeout_s=self.config.grade_timeout_s)
         finally:
+            node.placed -= 1
             await self._release_environment(node, task)
         resolved = bool(getattr(report, "resolved", False))
         reward = float(self.reward_fn(task, trajectory, report))
@@ -340,16 +374,26 @@ class Scheduler:
             if self._release is not None:
                 self._release(endpoint)
 
-    async def rollout(self, task: Task, *, episode_id: str, group_id: str, policy_version: int = 0) -> RolloutResult:
-        """One episode of `task`, graded; retried from its start on infrastructure failures."""
-        with relaxed_gc(self.config.gc_threshold):
-            async with self.episode_limiter:
-                self.counters["started"] += 1
-                self.counters["running"] += 1
-                try:
-                    result = await self._attempts(task, episode_id, group_id, policy_version)
-                finally:
-                    self.counters["running"] -= 1
+    async def rollout(self, task: Task, *, episode_id: str, group_id: str, policy_version: int = 0,
+                      _placed: _Node | None = None) -> RolloutResult:
+        """One episode of `task`, graded; retried from its start on infrastructure failures.
+        `_placed`: a node `_place_group` reserved for this rollout's group, tried first."""
+        reserved = _placed
+        try:
+            with relaxed_gc(self.config.gc_threshold):
+                async with self.episode_limiter:
+                    self.counters["started"] += 1
+                    self.counters["running"] += 1
+                    if reserved is not None:  # _attempts counts the node it uses itself
+                        reserved.placed -= 1
+                        reserved = None
+                    try:
+                        result = await self._attempts(task, episode_id, group_id, policy_version, _placed)
+                    finally:
+                        self.counters["running"] -= 1
+        finally:
+            if reserved is not None:  # cancelled before it started
+                reserved.placed -= 1
         self.counters["finished"] += 1
         self.counters["resolved"] += bool(result.trajectory.resolved)
         if self.on_result is not None:
@@ -358,11 +402,15 @@ class Scheduler:
                 await maybe
         return result
 
-    async def _attempts(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> RolloutResult:
+    async def _attempts(self, task: Task, episode_id: str, group_id: str, policy_version: int,
+                        preferred: _Node | None = None) -> RolloutResult:
         excluded_nodes: set[str] = set()
         last_exc: BaseException | None = None
         for attempt in range(1, self.config.max_attempts + 1):
-            node = self._pick_node(excluded_nodes)
+            if attempt == 1 and preferred is not None and preferred.healthy and not preferred.draining:
+                node = preferred  # the group's node: its snapshot is (being) built there
+            else:
+                node = self._pick_node(excluded_nodes)
             try:
                 result = await self._attempt(node, task, episode_id, group_id, policy_version)
                 node.healthy = True
@@ -391,13 +439,26 @@ class Scheduler:
                              None, self.config.max_attempts, f"{type(last_exc).__name__}: {last_exc}")
 
     def _prompt(self, task: Task, workdir: str) -> list[int]:
-        key = f"{task.id}\0{workdir}"
-        ids = self._prompts.get(key)
+        ids = self._prompts.get(f"{task.id}\0{workdir}")
         if ids is None:
-            if len(self._prompts) > 65536:  # bounded: a long run sees many tasks
-                self._prompts.clear()
-            ids = self._prompts[key] = build_prompt_ids(self.tokenizer, task, workdir)
+            self._prepare_prompts([task], workdir)
+            ids = self._prompts[f"{task.id}\0{workdir}"]
         return ids
+
+    def _prepare_prompts(self, tasks: Sequence[Task], workdir: str | None = None) -> None:
+        """The prompts of `tasks` not rendered yet, encoded as one batch (`build_prompts`) before
+        their episodes start; each task's own workdir unless `workdir` is given."""
+        todo: dict[str, tuple[Task, str]] = {}
+        for task in tasks:
+            where = workdir or task_workdir(task, self.config.episode_workdir)
+            key = f"{task.id}\0{where}"
+            if key not in self._prompts:
+                todo[key] = (task, where)
+        if not todo:
+            return
+        if len(self._prompts) + len(todo) > 65536:  # bounded: a long run sees many tasks
+            self._prompts.clear()
+        self._prompts.update(zip(todo, build_prompts(self.tokenizer, list(todo.values()))))
 
     def _error_trajectory(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> Trajectory:
         return _error_trajectory(task, episode_id, group_id, policy_version,
@@ -409,13 +470,17 @@ class Scheduler:
         """`n` rollouts of `task` (one DAPO group), concurrently; results in rollout order."""
         results: list[RolloutResult | None] = [None] * n
 
+        self._prepare_prompts([task])
+        node = self._place_group(n)
+
         async def one(i: int) -> None:
             results[i] = await self.rollout(task, episode_id=f"{group_id}/{i}", group_id=group_id,
-                                            policy_version=policy_version)
+                                            policy_version=policy_version, _placed=node)
 
-        async with trio.open_nursery() as nursery:
-            for i in range(n):
-                nursery.start_soon(one, i)
+        with relaxed_gc(self.config.gc_threshold):  # before spawning: the spawn allocates too
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
         return [r for r in results if r is not None]
 
     async def run_groups(self, groups: Sequence[tuple[Task, int, str]], *, policy_version: int = 0) -> list[list[RolloutResult]]:
@@ -425,9 +490,11 @@ class Scheduler:
         async def one(i: int, task: Task, n: int, group_id: str) -> None:
             out[i] = await self.run_group(task, n, group_id=group_id, policy_version=policy_version)
 
-        async with trio.open_nursery() as nursery:
-            for i, (task, n, group_id) in enumerate(groups):
-                nursery.start_soon(one, i, task, n, group_id)
+        self._prepare_prompts([task for task, _, _ in groups])
+        with relaxed_gc(self.config.gc_threshold):
+            async with trio.open_nursery() as nursery:
+                for i, (task, n, group_id) in enumerate(groups):
+                    nursery.start_soon(one, i, task, n, group_id)
         return out
 
     def stats(self) -> dict[str, Any]:
@@ -663,9 +730,10 @@ async def _shard_worker(fd_in: int, fd_out: int) -> None:
                 if closing:
                     return
 
-        async def one(item: int, task: Task, episode_id: str, group_id: str, policy_version: int) -> None:
+        async def one(item: int, task: Task, episode_id: str, group_id: str, policy_version: int, node: _Node) -> None:
             try:
-                result = await sched.rollout(task, episode_id=episode_id, group_id=group_id, policy_version=policy_version)
+                result = await sched.rollout(task, episode_id=episode_id, group_id=group_id,
+                                             policy_version=policy_version, _placed=node)
                 finished.append((item, _pack_result(result), None))
             except Exception as exc:  # on_result of the factory's scheduler failed: this episode's, not the worker's
                 log.exception("episode %s failed in shard %d", episode_id, shard)
@@ -685,9 +753,13 @@ async def _shard_worker(fd_in: int, fd_out: int) -> None:
                             return
                         if message[0] == "close":
                             break
-                        if message[0] == "run":
-                            for entry in message[1]:
-                                episodes.start_soon(one, *entry)
+                        if message[0] == "run":  # a group's entries come together: one node for them
+                            sched._prepare_prompts([entry[1] for entry in message[1]])
+                            for _, group in itertools.groupby(message[1], key=lambda entry: entry[3]):
+                                group = list(group)
+                                node = sched._place_group(len(group))
+                                for entry in group:
+                                    episodes.start_soon(one, *entry, node)
                 closing = True  # every episode given has finished: send the rest and end
                 wake.set()
 
@@ -759,7 +831,7 @@ class ShardedScheduler:
         factory_kwargs: Mapping[str, Any] | None = None,
         max_attempts: int = 3,
         on_result: Callable[[RolloutResult], Awaitable[None] | None] | None = None,
-        gc_threshold: int = 100_000,
+        gc_threshold: int = 1_000_000,
         startup_timeout_s: float = 300.0,
         stop_timeout_s: float = 60.0,
         max_respawns: int | None = None,

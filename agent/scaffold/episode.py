@@ -28,7 +28,7 @@ from .parsing import STOP_SEQUENCES, FormatError, parse_tool_call
 from .prompts import system_prompt, task_prompt
 from .tools import Tools
 
-__all__ = ["Completion", "EpisodeConfig", "Sampler", "build_prompt_ids", "run_episode"]
+__all__ = ["Completion", "EpisodeConfig", "Sampler", "build_prompt_ids", "build_prompts", "run_episode"]
 
 
 class Completion(Protocol):
@@ -68,10 +68,20 @@ class EpisodeConfig:
 
 def build_prompt_ids(tokenizer: Tokenizer, task: Task, workdir: str = "/testbed") -> list[int]:
     """The prompt, rendered by the tokenizer's chat template once."""
-    messages = [{"role": "system", "content": system_prompt()},
-                {"role": "user", "content": task_prompt(task.problem_statement, workdir)}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return build_prompts(tokenizer, [(task, workdir)])[0]
+
+
+def build_prompts(tokenizer: Tokenizer, tasks: Sequence[tuple[Task, str]]) -> list[list[int]]:
+    """`build_prompt_ids` of each (task, workdir), encoded as one batch when the tokenizer takes one
+    (a Hugging Face tokenizer called on a list: a fast one encodes it on every core, without the GIL;
+    512 prompts of ~400 tokens took 80 ms here instead of 136). The same ids as one at a time."""
+    texts = [tokenizer.apply_chat_template(
+        [{"role": "system", "content": system_prompt()},
+         {"role": "user", "content": task_prompt(task.problem_statement, workdir)}],
+        tokenize=False, add_generation_prompt=True) for task, workdir in tasks]
+    if callable(tokenizer) and len(texts) > 1:
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
 
 
 async def run_episode(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,8 +15,11 @@ from agent.scaffold import (
     ToolCall,
     Tools,
     build_prompt_ids,
+    build_prompts,
     parse_tool_call,
     run_episode,
+    system_prompt,
+    task_prompt,
 )
 from agent.scaffold.chat import TextCodec
 from agent.workspace import LocalWorkspace
@@ -165,6 +169,18 @@ def make_task(commit: str) -> Task:
     return Task(id="toy-1", repo="toy/calc", base_commit=commit, problem_statement="add(2, 3) returns -1 instead of 5.",
                 image="host", test_patch="", FAIL_TO_PASS=["tests/test_calc.py::test_add"], PASS_TO_PASS=[],
                 test_command="pytest -rA", log_parser="pytest")
+
+
+def test_prompts_built_as_a_batch_equal_those_built_one_at_a_time(tiny_tokenizer):
+    tasks = [(dataclasses.replace(make_task("HEAD"), id=f"t{i}", problem_statement=f"Case {i}: 1 + 1 == {i}\n  é"),
+              f"/w{i % 2}") for i in range(5)]
+    batch = build_prompts(tiny_tokenizer, tasks)
+    alone = [list(tiny_tokenizer.encode(tiny_tokenizer.apply_chat_template(
+        [{"role": "system", "content": system_prompt()}, {"role": "user", "content": task_prompt(t.problem_statement, w)}],
+        tokenize=False, add_generation_prompt=True), add_special_tokens=False)) for t, w in tasks]
+    assert batch == alone and [build_prompt_ids(tiny_tokenizer, t, w) for t, w in tasks] == alone
+    assert all(type(ids) is list for ids in batch) and len({tuple(ids) for ids in batch}) == 5
+    assert build_prompts(tiny_tokenizer, []) == []
 
 
 FIX = ["Let me look.\n<function=view>\n<parameter=path>pkg/calc.py</parameter>\n</function>",

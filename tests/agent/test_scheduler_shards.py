@@ -76,6 +76,7 @@ async def test_sharded_results_equal_one_process_and_each_arrives_once(tiny_toke
     assert stats["finished"] == 24 and stats["resolved"] == 24 and stats["running"] == 0
     # groups spread over both workers, each group whole in one (its rollouts fork one snapshot there)
     assert [w["finished"] for w in stats["workers"].values()] == [12, 12]
+    assert [w["environments"] for w in stats["workers"].values()] == [4, 4]  # one per group, on one node
     assert stats["workers_lost"] == 0 and all(w["alive"] for w in stats["workers"].values())
 
 
