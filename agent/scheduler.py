@@ -121,6 +121,27 @@ def _is_infrastructure_error(exc: BaseException) -> bool:
             or _is_lost_sandbox(exc))
 
 
+class _Slot:
+    """``async with _Slot(limiter)``: one of `limiter`'s tokens for the block, taken at once when one is
+    free. trio's `acquire` always passes through the scheduler first; with thousands of episodes
+    starting together each such pass waits behind all of them, twice per episode (its slot and its
+    node's sandbox slot)."""
+
+    __slots__ = ("limiter",)
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self.limiter = limiter
+
+    async def __aenter__(self) -> None:
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self.limiter.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.limiter.release()
+
+
 class _Node:
     def __init__(self, client: Any, capacity: int) -> None:
         self.client = client
@@ -130,7 +151,7 @@ class _Node:
         self.draining = False  # left the membership: its running episodes finish, no new ones start
         self.failures = 0
         self.snapshots: dict[str, str] = {}  # task id -> snapshot of its environment on this node
-        self.setup_locks: dict[str, trio.Lock] = {}
+        self.building: dict[str, trio.Event] = {}  # task id -> set when the build under way ends
         self.users: dict[str, int] = {}  # task id -> groups using its snapshot
         self.placed = 0  # episodes placed here and not finished (running, or waiting for capacity)
 
@@ -158,6 +179,7 @@ def task_workdir(task: Task, default: str = "/testbed") -> str:
     return workdir if isinstance(workdir, str) and workdir.startswith("/") else default
 
 
+_PROMPT_CHUNK = 32  # prompts per background encode: the first episodes wait for one chunk, not the batch
 _gc_holders = 0  # rollouts inside `relaxed_gc`, over every scheduler of the process
 _gc_saved: tuple[int, int, int] = gc.get_threshold()
 _gc_promote = False  # the outermost block found nothing frozen: it may promote with freeze/unfreeze
@@ -236,6 +258,7 @@ class Scheduler:
         self.on_result = on_result
         self.codec = TextCodec(tokenizer)
         self._prompts: dict[str, list[int]] = {}  # task id + workdir -> rendered prompt (shared by its rollouts)
+        self._prompts_pending: dict[str, trio.Event] = {}  # key -> set when its encoding ends (see _encode_soon)
         self._release = getattr(policy, "release_endpoint", None)
         self.episode_limiter = trio.CapacityLimiter(config.max_episodes)
         self.counters: dict[str, int] = {"started": 0, "finished": 0, "retried": 0, "errors": 0, "resolved": 0,
@@ -296,11 +319,21 @@ class Scheduler:
         log.warning("sandbox node %s failed (%s); its episodes are requeued", node.name, exc)
 
     async def _environment(self, node: _Node, task: Task) -> str:
-        """The snapshot of `task`'s environment on `node`, built once per node and task."""
-        lock = node.setup_locks.setdefault(task.id, trio.Lock())
-        async with lock:
+        """The snapshot of `task`'s environment on `node`, built once per node and task: the first
+        rollout to need it builds it, the others wait for that build and all wake together when it
+        ends (a lock would hand it on one waiter at a time). A failed build is tried again by the
+        first of them to run."""
+        while True:
             snap = node.snapshots.get(task.id)
-            if snap is None:
+            if snap is not None:
+                node.users[task.id] = node.users.get(task.id, 0) + 1
+                return snap
+            building = node.building.get(task.id)
+            if building is not None:
+                await building.wait()
+                continue
+            done = node.building[task.id] = trio.Event()
+            try:
                 with trio.fail_after(self.config.setup_timeout_s):
                     sandbox = await node.client.create(task.image, repo=task_checkout(task),
                                                        workdir=task_workdir(task, self.config.episode_workdir))
@@ -311,8 +344,10 @@ class Scheduler:
                             await sandbox.destroy()
                 node.snapshots[task.id] = snap
                 self.counters["environments"] += 1
-            node.users[task.id] = node.users.get(task.id, 0) + 1
-            return snap
+            finally:
+                if node.building.get(task.id) is done:
+                    del node.building[task.id]
+                done.set()
 
     async def _release_environment(self, node: _Node, task: Task) -> None:
         left = node.users.get(task.id, 0) - 1
@@ -339,7 +374,7 @@ class Scheduler:
             node.placed -= 1
             raise
         try:
-            async with node.limiter:
+            async with _Slot(node.limiter):
                 sandbox = await node.client.fork(snap, workdir=task_workdir(task, self.config.episode_workdir))
                 async with sandbox:
                     trajectory = await self._episode(task, sandbox, episode_id, group_id, policy_version)
@@ -360,12 +395,13 @@ class Scheduler:
                        policy_version: int) -> Trajectory:
         """The episode on an endpoint assigned for it (EndpointDown when every endpoint is drained),
         released when it ends: the policy counts only episodes that are sampling."""
+        prompt_ids = await self._prompt_ids(task, sandbox.workdir)
         endpoint = self.policy.assign_endpoint()
         try:
             return await run_episode(
                 task, sandbox, self.policy.sampler(endpoint), self.tokenizer, self.chat, self.config.episode,
                 episode_id=episode_id, group_id=group_id, policy_version=policy_version, endpoint=endpoint,
-                prompt_ids=self._prompt(task, sandbox.workdir), codec=self.codec)
+                prompt_ids=prompt_ids, codec=self.codec)
         except Exception as exc:
             if _is_endpoint_error(exc):
                 self.policy.report_failure(endpoint, exc)
@@ -381,7 +417,7 @@ class Scheduler:
         reserved = _placed
         try:
             with relaxed_gc(self.config.gc_threshold):
-                async with self.episode_limiter:
+                async with _Slot(self.episode_limiter):
                     self.counters["started"] += 1
                     self.counters["running"] += 1
                     if reserved is not None:  # _attempts counts the node it uses itself
@@ -438,31 +474,79 @@ class Scheduler:
         return RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
                              None, self.config.max_attempts, f"{type(last_exc).__name__}: {last_exc}")
 
-    def _prompt(self, task: Task, workdir: str) -> list[int]:
-        ids = self._prompts.get(f"{task.id}\0{workdir}")
+    # -- prompts ----------------------------------------------------------------------------------
+    #
+    # A batch's prompts are encoded in a worker thread, in chunks, while the event loop sets up the
+    # batch's sandboxes: an episode waits for its prompt only before its first sample. Encoding in the
+    # loop would stall every episode in flight (a SWE-bench prompt of 10k tokens takes milliseconds;
+    # 512 short ones took 136 ms here), and the fast tokenizer's batch encode runs without the GIL.
+
+    async def _prompt_ids(self, task: Task, workdir: str) -> list[int]:
+        """`task`'s rendered prompt: cached, or from the encoding under way, or encoded now."""
+        key = f"{task.id}\0{workdir}"
+        ids = self._prompts.get(key)
         if ids is None:
-            self._prepare_prompts([task], workdir)
-            ids = self._prompts[f"{task.id}\0{workdir}"]
+            pending = self._prompts_pending.get(key)
+            if pending is not None:
+                await pending.wait()
+                ids = self._prompts.get(key)
+            if ids is None:  # none was under way, or it failed: encode it here (a failure is this episode's)
+                await self._encode({key: (task, workdir)})
+                ids = self._prompts[key]
         return ids
 
-    def _prepare_prompts(self, tasks: Sequence[Task], workdir: str | None = None) -> None:
-        """The prompts of `tasks` not rendered yet, encoded as one batch (`build_prompts`) before
-        their episodes start; each task's own workdir unless `workdir` is given."""
+    def _encode_soon(self, nursery: trio.Nursery, tasks: Sequence[Task]) -> None:
+        """Start encoding the prompts of `tasks` that are neither cached nor under way, in the background."""
         todo: dict[str, tuple[Task, str]] = {}
         for task in tasks:
-            where = workdir or task_workdir(task, self.config.episode_workdir)
-            key = f"{task.id}\0{where}"
-            if key not in self._prompts:
-                todo[key] = (task, where)
-        if not todo:
-            return
+            workdir = task_workdir(task, self.config.episode_workdir)
+            key = f"{task.id}\0{workdir}"
+            if key not in self._prompts and key not in self._prompts_pending:
+                todo[key] = (task, workdir)
+        keys = list(todo)
+        chunks = []
+        for i in range(0, len(keys), _PROMPT_CHUNK):
+            chunk, done = {k: todo[k] for k in keys[i:i + _PROMPT_CHUNK]}, trio.Event()
+            self._prompts_pending.update(dict.fromkeys(chunk, done))
+            chunks.append((chunk, done))
+        if chunks:
+            nursery.start_soon(self._encode_chunks, chunks)
+
+    async def _encode_chunks(self, chunks: list[tuple[dict[str, tuple[Task, str]], trio.Event]]) -> None:
+        left = list(chunks)
+        try:
+            while left:
+                chunk, done = left[0]
+                try:
+                    await self._encode(chunk)
+                except Exception as exc:  # each waiting episode encodes its own prompt and gets the error
+                    log.warning("encoding %d prompts failed: %s: %s", len(chunk), type(exc).__name__, exc)
+                self._release_pending(*left.pop(0))
+        finally:  # cancelled: nobody may wait on the chunks not encoded (they encode their own)
+            for chunk, done in left:
+                self._release_pending(chunk, done)
+
+    def _release_pending(self, chunk: dict[str, tuple[Task, str]], done: trio.Event) -> None:
+        for key in chunk:
+            if self._prompts_pending.get(key) is done:
+                del self._prompts_pending[key]
+        done.set()
+
+    async def _encode(self, todo: dict[str, tuple[Task, str]]) -> None:
+        ids = await trio.to_thread.run_sync(build_prompts, self.tokenizer, list(todo.values()))
         if len(self._prompts) + len(todo) > 65536:  # bounded: a long run sees many tasks
             self._prompts.clear()
-        self._prompts.update(zip(todo, build_prompts(self.tokenizer, list(todo.values()))))
+        self._prompts.update(zip(todo, ids))
 
     def _error_trajectory(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> Trajectory:
-        return _error_trajectory(task, episode_id, group_id, policy_version,
-                                 self._prompt(task, task_workdir(task, self.config.episode_workdir)))
+        workdir = task_workdir(task, self.config.episode_workdir)
+        prompt = self._prompts.get(f"{task.id}\0{workdir}")
+        if prompt is None:  # rare (an episode that never got its prompt): encoded here, in the loop
+            try:
+                prompt = build_prompts(self.tokenizer, [(task, workdir)])[0]
+            except Exception:  # the record must still be made; the learner drops error trajectories
+                prompt = []
+        return _error_trajectory(task, episode_id, group_id, policy_version, prompt or [0])
 
     # -- groups -----------------------------------------------------------------------------------
 
@@ -470,7 +554,6 @@ class Scheduler:
         """`n` rollouts of `task` (one DAPO group), concurrently; results in rollout order."""
         results: list[RolloutResult | None] = [None] * n
 
-        self._prepare_prompts([task])
         node = self._place_group(n)
 
         async def one(i: int) -> None:
@@ -479,6 +562,7 @@ class Scheduler:
 
         with relaxed_gc(self.config.gc_threshold):  # before spawning: the spawn allocates too
             async with trio.open_nursery() as nursery:
+                self._encode_soon(nursery, [task])
                 for i in range(n):
                     nursery.start_soon(one, i)
         return [r for r in results if r is not None]
@@ -490,9 +574,9 @@ class Scheduler:
         async def one(i: int, task: Task, n: int, group_id: str) -> None:
             out[i] = await self.run_group(task, n, group_id=group_id, policy_version=policy_version)
 
-        self._prepare_prompts([task for task, _, _ in groups])
         with relaxed_gc(self.config.gc_threshold):
             async with trio.open_nursery() as nursery:
+                self._encode_soon(nursery, [task for task, _, _ in groups])
                 for i, (task, n, group_id) in enumerate(groups):
                     nursery.start_soon(one, i, task, n, group_id)
         return out
@@ -754,7 +838,7 @@ async def _shard_worker(fd_in: int, fd_out: int) -> None:
                         if message[0] == "close":
                             break
                         if message[0] == "run":  # a group's entries come together: one node for them
-                            sched._prepare_prompts([entry[1] for entry in message[1]])
+                            sched._encode_soon(episodes, [entry[1] for entry in message[1]])
                             for _, group in itertools.groupby(message[1], key=lambda entry: entry[3]):
                                 group = list(group)
                                 node = sched._place_group(len(group))

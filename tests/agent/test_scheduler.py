@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from agent.fakes import FakeNode, ScriptedPolicy, fake_latency
-from agent.scaffold import EpisodeConfig
+from agent.scaffold import EpisodeConfig, build_prompt_ids
 from agent.scheduler import Scheduler, SchedulerConfig, relaxed_gc
 from runtime.records import FinishReason, Task
 
@@ -190,6 +190,61 @@ def test_relaxed_gc_promotes_what_it_leaves_alive_unscanned_and_cycles_are_still
     finally:
         gc.unfreeze()
     del frozen
+
+
+async def test_prompts_are_encoded_once_per_task_in_chunks_off_the_event_loop(tiny_tokenizer, monkeypatch):
+    import threading
+
+    import agent.scheduler as scheduler_module
+
+    calls: list[tuple[int, bool]] = []
+    real = scheduler_module.build_prompts
+
+    def recording(tokenizer, tasks):
+        calls.append((len(tasks), threading.current_thread() is threading.main_thread()))
+        return real(tokenizer, tasks)
+
+    monkeypatch.setattr(scheduler_module, "build_prompts", recording)
+    sched = Scheduler([FakeNode("n0"), FakeNode("n1")], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, patch_grader)
+    n_tasks = scheduler_module._PROMPT_CHUNK + 5
+    groups = await sched.run_groups([(task(i), 3, f"g{i}") for i in range(n_tasks)])
+    assert sorted(n for n, _ in calls) == [5, scheduler_module._PROMPT_CHUNK]  # each task once, in chunks
+    assert not any(on_main for _, on_main in calls)  # in worker threads, never in the loop
+    for i, group in enumerate(groups):
+        assert [r.trajectory.prompt_ids for r in group] == [build_prompt_ids(tiny_tokenizer, task(i), "/testbed")] * 3
+    await sched.run_group(task(0), 2, group_id="again")  # cached: nothing encoded again
+    assert len(calls) == 2 and not sched._prompts_pending
+
+
+async def test_a_prompt_that_cannot_be_encoded_fails_its_episodes_and_a_cancelled_batch_leaves_nothing_waiting(
+        tiny_tokenizer, monkeypatch):
+    import agent.scheduler as scheduler_module
+
+    real = scheduler_module.build_prompts
+
+    def failing(tokenizer, tasks):
+        if any(t.id == "calc-1" for t, _ in tasks):
+            raise ValueError("the template cannot render this task")
+        return real(tokenizer, tasks)
+
+    monkeypatch.setattr(scheduler_module, "build_prompts", failing)
+    sched = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, patch_grader)
+    with trio.fail_after(30):
+        groups = await sched.run_groups([(task(i), 2, f"g{i}") for i in range(3)])
+    # The chunk with calc-1 failed: the other tasks' episodes encoded their own prompts and ran.
+    assert [[r.error is None for r in g] for g in groups] == [[True, True], [False, False], [True, True]]
+    assert all("cannot render" in r.error and r.trajectory.finish_reason == FinishReason.ERROR for r in groups[1])
+    assert all(r.trajectory.resolved for i in (0, 2) for r in groups[i])
+
+    monkeypatch.setattr(scheduler_module, "build_prompts", real)
+    fresh = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX, latency_s=1.0), tiny_tokenizer, patch_grader)
+    with trio.move_on_after(0.01):  # cancelled while prompts are being encoded or episodes sample
+        await fresh.run_groups([(task(i), 2, f"g{i}") for i in range(40)])
+    assert not fresh._prompts_pending  # no event left that nobody will set
+    fresh.policy.latency_s = 0.0
+    with trio.fail_after(30):
+        again = await fresh.run_groups([(task(i), 1, f"h{i}") for i in range(40)])
+    assert all(r.error is None and r.trajectory.resolved for g in again for r in g)
 
 
 async def test_fake_latency_wakes_each_sleeper_at_its_time(autojump_clock):

@@ -249,6 +249,39 @@ def test_check_action_and_from_checked_make_the_constructors_turn() -> None:
         Turn.check_action([1], [math.nan])
 
 
+def test_trajectory_from_checked_makes_the_constructors_record_and_checks_the_other_fields() -> None:
+    ref = make_trajectory(endpoint="e0", patch="diff", metrics={"turns": 2, "odd": math.nan})
+    prompt = Trajectory.check_prompt_ids([1, 2, True])
+    assert prompt == [1, 2, 1] and all(type(v) is int for v in prompt)
+    edges = [0x80, 0x8000 + 1, 0x800000 + 5, 0x7F000000, 2**31 - 1]  # bytes >= 0x80 below the top one are fine
+    assert Trajectory.check_prompt_ids(edges) == edges
+    for bad in (2**31, 2**31 + 0x7F, 2**32 - 1):
+        with pytest.raises(ValueError, match=r"^Trajectory\.prompt_ids\[1\]: token id .* outside int32"):
+            Trajectory.check_prompt_ids([1, bad])
+    made = Trajectory.from_checked(episode_id="ep-1", task_id="task-1", group_id="grp-1", prompt_ids=prompt,
+                                   turns=list(ref.turns), reward=1, finish_reason="submitted", policy_version=4,
+                                   endpoint="e0", patch="diff", metrics={"turns": 2, "odd": math.nan})
+    assert dataclasses.replace(made, prompt_ids=[1, 2, 3], metrics={}, created_at=0.0) == dataclasses.replace(
+        ref, metrics={}, created_at=0.0)
+    assert made.finish_reason is FinishReason.SUBMITTED and type(made.reward) is float
+    assert made.metrics["turns"] == 2.0 and type(made.metrics["turns"]) is float and math.isnan(made.metrics["odd"])
+    assert Trajectory.from_msgpack(made.to_msgpack()).turns == ref.turns
+    base = dict(episode_id="e", task_id="t", group_id="g", prompt_ids=[1], turns=[], reward=0.0,
+                finish_reason=FinishReason.ERROR, policy_version=0)
+    for overrides, error, field in [({"episode_id": ""}, ValueError, "Trajectory.episode_id"),
+                                    ({"reward": math.inf}, ValueError, "Trajectory.reward"),
+                                    ({"finish_reason": "done"}, ValueError, "Trajectory.finish_reason"),
+                                    ({"policy_version": "1"}, TypeError, "Trajectory.policy_version"),
+                                    ({"patch": b"diff"}, TypeError, "Trajectory.patch"),
+                                    ({"metrics": {"x": "1"}}, TypeError, "Trajectory.metrics")]:
+        with pytest.raises(error, match=rf"^{field}"):
+            Trajectory.from_checked(**(base | overrides))
+    with pytest.raises(ValueError, match=r"^Trajectory\.prompt_ids: must not be empty"):
+        Trajectory.check_prompt_ids([])
+    with pytest.raises(ValueError, match=r"^Trajectory\.prompt_ids\[1\]: token id must be >= 0"):
+        Trajectory.check_prompt_ids([1, -2])
+
+
 def test_graded_sets_reward_and_resolved_only() -> None:
     traj = make_trajectory(reward=0.0, resolved=None)
     graded = traj.graded(reward=1, resolved=True)
