@@ -34,8 +34,8 @@ import sys
 import time
 import traceback
 from array import array
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,7 +45,7 @@ from runtime.records import FinishReason, Task, Trajectory, Turn
 from runtime.wire import ConnectionLost, NotFound, RpcTimeout
 
 from .llm.errors import BadResponse, EndpointDown, RequestTimeout
-from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompts, run_episode
+from .scaffold import ChatFormat, EpisodeConfig, Sampler, Tokenizer, build_prompts, render_prompts, run_episode
 from .scaffold.chat import TextCodec
 
 __all__ = ["Grader", "NodeLost", "Policy", "RolloutResult", "Scheduler", "SchedulerConfig", "ShardedScheduler",
@@ -185,8 +185,7 @@ _gc_saved: tuple[int, int, int] = gc.get_threshold()
 _gc_promote = False  # the outermost block found nothing frozen: it may promote with freeze/unfreeze
 
 
-@contextmanager
-def relaxed_gc(threshold: int) -> Iterator[None]:
+class relaxed_gc:  # noqa: N801 (a context manager used like a function: `with relaxed_gc(n):`)
     """CPython's youngest-generation GC threshold raised to `threshold` while the block runs, and what
     the block leaves alive promoted to the oldest generation, unscanned, when it ends.
 
@@ -205,20 +204,28 @@ def relaxed_gc(threshold: int) -> Iterator[None]:
     began: unfreezing would hand someone else's `gc.freeze()` back to the collector.
 
     Concurrent and nested blocks share the setting; the last one to end restores the process's own.
-    `threshold` <= 0: no change.
+    `threshold` <= 0: no change. (A class, not a generator: every rollout enters one.)
     """
-    global _gc_holders, _gc_saved, _gc_promote
-    if threshold <= 0:
-        yield
-        return
-    if _gc_holders == 0:
-        _gc_saved = gc.get_threshold()
-        _gc_promote = gc.get_freeze_count() == 0
-        gc.set_threshold(max(threshold, _gc_saved[0]), *_gc_saved[1:])
-    _gc_holders += 1
-    try:
-        yield
-    finally:
+
+    __slots__ = ("threshold",)
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+
+    def __enter__(self) -> None:
+        global _gc_holders, _gc_saved, _gc_promote
+        if self.threshold <= 0:
+            return
+        if _gc_holders == 0:
+            _gc_saved = gc.get_threshold()
+            _gc_promote = gc.get_freeze_count() == 0
+            gc.set_threshold(max(self.threshold, _gc_saved[0]), *_gc_saved[1:])
+        _gc_holders += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _gc_holders
+        if self.threshold <= 0:
+            return
         _gc_holders -= 1
         if _gc_holders == 0:
             if _gc_promote and gc.isenabled() and gc.get_freeze_count() == 0:
@@ -377,7 +384,25 @@ class Scheduler:
             async with _Slot(node.limiter):
                 sandbox = await node.client.fork(snap, workdir=task_workdir(task, self.config.episode_workdir))
                 async with sandbox:
-                    trajectory = await self._episode(task, sandbox, episode_id, group_id, policy_version)
+                    # The episode, on an endpoint assigned for it (EndpointDown when every endpoint is
+                    # drained) and released when it ends: the policy counts only episodes that are
+                    # sampling. Inline rather than a helper coroutine: one frame less to resume at
+                    # each of the episode's awaits, thousands of times a second.
+                    prompt_ids = await self._prompt_ids(task, sandbox.workdir)
+                    endpoint = self.policy.assign_endpoint()
+                    try:
+                        trajectory = await run_episode(
+                            task, sandbox, self.policy.sampler(endpoint), self.tokenizer, self.chat,
+                            self.config.episode, episode_id=episode_id, group_id=group_id,
+                            policy_version=policy_version, endpoint=endpoint, prompt_ids=prompt_ids,
+                            codec=self.codec)
+                    except Exception as exc:
+                        if _is_endpoint_error(exc):
+                            self.policy.report_failure(endpoint, exc)
+                        raise
+                    finally:
+                        if self._release is not None:
+                            self._release(endpoint)
                     report = None
                     if trajectory.patch.strip():
                         await sandbox.restore(snap)  # a fresh checkout for grading, in milliseconds
@@ -390,25 +415,6 @@ class Scheduler:
         grade = report.to_dict() if hasattr(report, "to_dict") else None
         trajectory = trajectory.graded(reward=reward, resolved=resolved if report is not None else False)
         return RolloutResult(trajectory, grade, 0)
-
-    async def _episode(self, task: Task, sandbox: Any, episode_id: str, group_id: str,
-                       policy_version: int) -> Trajectory:
-        """The episode on an endpoint assigned for it (EndpointDown when every endpoint is drained),
-        released when it ends: the policy counts only episodes that are sampling."""
-        prompt_ids = await self._prompt_ids(task, sandbox.workdir)
-        endpoint = self.policy.assign_endpoint()
-        try:
-            return await run_episode(
-                task, sandbox, self.policy.sampler(endpoint), self.tokenizer, self.chat, self.config.episode,
-                episode_id=episode_id, group_id=group_id, policy_version=policy_version, endpoint=endpoint,
-                prompt_ids=prompt_ids, codec=self.codec)
-        except Exception as exc:
-            if _is_endpoint_error(exc):
-                self.policy.report_failure(endpoint, exc)
-            raise
-        finally:
-            if self._release is not None:
-                self._release(endpoint)
 
     async def rollout(self, task: Task, *, episode_id: str, group_id: str, policy_version: int = 0,
                       _placed: _Node | None = None) -> RolloutResult:
@@ -476,10 +482,10 @@ class Scheduler:
 
     # -- prompts ----------------------------------------------------------------------------------
     #
-    # A batch's prompts are encoded in a worker thread, in chunks, while the event loop sets up the
-    # batch's sandboxes: an episode waits for its prompt only before its first sample. Encoding in the
+    # A batch's prompts are encoded in a worker thread while the event loop sets up the batch's
+    # sandboxes; an episode waits for its own prompt only before its first sample. Encoding in the
     # loop would stall every episode in flight (a SWE-bench prompt of 10k tokens takes milliseconds;
-    # 512 short ones took 136 ms here), and the fast tokenizer's batch encode runs without the GIL.
+    # 512 short ones took 136 ms here); a fast tokenizer's batch encode runs without the GIL.
 
     async def _prompt_ids(self, task: Task, workdir: str) -> list[int]:
         """`task`'s rendered prompt: cached, or from the encoding under way, or encoded now."""
@@ -491,52 +497,78 @@ class Scheduler:
                 await pending.wait()
                 ids = self._prompts.get(key)
             if ids is None:  # none was under way, or it failed: encode it here (a failure is this episode's)
-                await self._encode({key: (task, workdir)})
-                ids = self._prompts[key]
+                [ids] = await trio.to_thread.run_sync(build_prompts, self.tokenizer, [(task, workdir)])
+                self._store_prompts({key: ids})
         return ids
 
+    def _store_prompts(self, prompts: dict[str, list[int]]) -> None:
+        if len(self._prompts) + len(prompts) > 65536:  # bounded: a long run sees many tasks
+            self._prompts.clear()
+        self._prompts.update(prompts)
+
     def _encode_soon(self, nursery: trio.Nursery, tasks: Sequence[Task]) -> None:
-        """Start encoding the prompts of `tasks` that are neither cached nor under way, in the background."""
+        """Start encoding the prompts of `tasks` that are neither cached nor under way, in the background
+        (`_encode_chunks`), in chunks of `_PROMPT_CHUNK` so that the first episodes wait for one chunk."""
         todo: dict[str, tuple[Task, str]] = {}
         for task in tasks:
             workdir = task_workdir(task, self.config.episode_workdir)
             key = f"{task.id}\0{workdir}"
             if key not in self._prompts and key not in self._prompts_pending:
                 todo[key] = (task, workdir)
+        if not todo:
+            return
         keys = list(todo)
+        try:  # rendering is Python (it would fight the loop for the GIL in a thread): here, ~16 us a task
+            texts = render_prompts(self.tokenizer, list(todo.values()))
+        except Exception as exc:  # each episode renders its own prompt and gets the error
+            log.warning("rendering %d prompts failed: %s: %s", len(keys), type(exc).__name__, exc)
+            return
         chunks = []
         for i in range(0, len(keys), _PROMPT_CHUNK):
-            chunk, done = {k: todo[k] for k in keys[i:i + _PROMPT_CHUNK]}, trio.Event()
+            chunk, done = keys[i:i + _PROMPT_CHUNK], trio.Event()
             self._prompts_pending.update(dict.fromkeys(chunk, done))
-            chunks.append((chunk, done))
-        if chunks:
-            nursery.start_soon(self._encode_chunks, chunks)
+            chunks.append((chunk, texts[i:i + _PROMPT_CHUNK], done))
+        nursery.start_soon(self._encode_chunks, chunks)
 
-    async def _encode_chunks(self, chunks: list[tuple[dict[str, tuple[Task, str]], trio.Event]]) -> None:
-        left = list(chunks)
+    async def _encode_chunks(self, chunks: list[tuple[list[str], list[str], trio.Event]]) -> None:
+        """Encode `chunks` in one worker thread, each stored (and its waiters woken) as soon as it is
+        encoded: the thread hands a chunk to the loop with `run_sync_soon` and goes on to the next. The
+        ids become lists in the loop: in the thread each list would wait for the GIL, which a busy loop
+        gives up once per switch interval (5 ms); a thread call per chunk would wait for the loop's
+        answer once per pass over thousands of episodes (~15 ms a chunk here)."""
+        token = trio.lowlevel.current_trio_token()
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+
+        def publish(keys: list[str], done: trio.Event, encoded: list[Any]) -> None:  # in the loop
+            try:
+                ids = [list(e.ids) for e in encoded] if backend is not None else encoded
+                self._store_prompts(dict(zip(keys, ids)))
+            except Exception as exc:  # never out of a run_sync_soon callback; the waiters encode their own
+                log.warning("storing %d prompts failed: %s: %s", len(keys), type(exc).__name__, exc)
+            finally:
+                self._release_pending(keys, done)
+
+        def work() -> None:  # in a worker thread
+            for keys, texts, done in chunks:
+                if backend is not None:
+                    encoded: list[Any] = backend.encode_batch(texts, add_special_tokens=False)
+                else:
+                    encoded = [list(self.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
+                token.run_sync_soon(publish, keys, done, encoded)
+
         try:
-            while left:
-                chunk, done = left[0]
-                try:
-                    await self._encode(chunk)
-                except Exception as exc:  # each waiting episode encodes its own prompt and gets the error
-                    log.warning("encoding %d prompts failed: %s: %s", len(chunk), type(exc).__name__, exc)
-                self._release_pending(*left.pop(0))
-        finally:  # cancelled: nobody may wait on the chunks not encoded (they encode their own)
-            for chunk, done in left:
-                self._release_pending(chunk, done)
+            await trio.to_thread.run_sync(work)
+        except Exception as exc:  # the chunks not stored: each waiting episode encodes its own prompt
+            log.warning("encoding prompts failed: %s: %s", type(exc).__name__, exc)
+        finally:  # (run_sync_soon runs callbacks in order: the published ones ran before this)
+            for keys, _, done in chunks:
+                self._release_pending(keys, done)
 
-    def _release_pending(self, chunk: dict[str, tuple[Task, str]], done: trio.Event) -> None:
-        for key in chunk:
+    def _release_pending(self, keys: list[str], done: trio.Event) -> None:
+        for key in keys:
             if self._prompts_pending.get(key) is done:
                 del self._prompts_pending[key]
         done.set()
-
-    async def _encode(self, todo: dict[str, tuple[Task, str]]) -> None:
-        ids = await trio.to_thread.run_sync(build_prompts, self.tokenizer, list(todo.values()))
-        if len(self._prompts) + len(todo) > 65536:  # bounded: a long run sees many tasks
-            self._prompts.clear()
-        self._prompts.update(zip(todo, ids))
 
     def _error_trajectory(self, task: Task, episode_id: str, group_id: str, policy_version: int) -> Trajectory:
         workdir = task_workdir(task, self.config.episode_workdir)

@@ -101,8 +101,11 @@ def _str_list(where: str, value: Any) -> list[str]:
     return [_str(f"{where}[{i}]", item) for i, item in enumerate(value)]
 
 
-# The most significant byte of each item of an array('I') in its bytes, where that type is 32-bit.
-_UINT32_HIGH_BYTES = (slice(3, None, 4) if sys.byteorder == "little" else slice(0, None, 4)) if array("I").itemsize == 4 else None
+# The most significant byte of each item of a 32-bit array('I') or array('f'), sliced out of its
+# bytes (of a float: the sign and the top 7 exponent bits); None where the type is not 32-bit.
+_TOP_BYTES = slice(3, None, 4) if sys.byteorder == "little" else slice(0, None, 4)
+_UINT32_HIGH_BYTES = _TOP_BYTES if array("I").itemsize == 4 else None
+_FLOAT32_TOP_BYTES = _TOP_BYTES if array("f").itemsize == 4 else None
 
 
 def _token_ids(where: str, value: Any) -> list[int]:
@@ -148,9 +151,12 @@ def _logprobs(where: str, value: Any) -> list[float]:
             lps = array("f", value)
         except TypeError as exc:
             raise TypeError(f"{where}: expected float logprobs: {exc}") from None
-    # The sum is finite iff every element is (|logprob| * 2**31 cannot overflow a double); a
-    # NaN or inf would poison the importance ratio exp(new - old) in the DAPO loss.
-    if not math.isfinite(sum(lps)):
+    # A NaN or inf would poison the importance ratio exp(new - old) in the DAPO loss. A float32 is
+    # not finite only if its top byte, sign aside, is 0x7f: where no top byte is 0x7f or 0xff all are
+    # finite (a check in C; logprobs have top bytes 0x80-0xc4). Else the sum is finite iff every
+    # element is (|logprob| * 2**31 cannot overflow a double).
+    top = lps.tobytes()[_FLOAT32_TOP_BYTES] if _FLOAT32_TOP_BYTES is not None else b"\x7f"
+    if (b"\x7f" in top or b"\xff" in top) and not math.isfinite(sum(lps)):
         bad = next(i for i, v in enumerate(lps) if not math.isfinite(v))
         raise ValueError(f"{where}[{bad}]: logprob must be finite (float32), got {lps[bad]}")
     return lps.tolist()
@@ -459,9 +465,11 @@ class Trajectory(_Record):
             raise TypeError(f"Trajectory.metrics: expected dict[str, float], got {_describe(self.metrics)}")
         metrics = {}
         for key, value in self.metrics.items():
-            _str(f"Trajectory.metrics key {key!r}", key)
-            # Non-finite metrics are kept: losing an episode over a NaN diagnostic loses data.
-            metrics[key] = _float(f"Trajectory.metrics[{key!r}]", value, finite=False)
+            if type(key) is not str or type(value) is not float:  # (plain floats and str keys pass as they are)
+                _str(f"Trajectory.metrics key {key!r}", key)
+                # Non-finite metrics are kept: losing an episode over a NaN diagnostic loses data.
+                value = _float(f"Trajectory.metrics[{key!r}]", value, finite=False)
+            metrics[key] = value
         set_(self, "metrics", metrics)
         set_(self, "created_at", _float("Trajectory.created_at", self.created_at, minimum=0.0))
 

@@ -28,7 +28,8 @@ from .parsing import STOP_SEQUENCES, FormatError, parse_tool_call
 from .prompts import system_prompt, task_prompt
 from .tools import Tools
 
-__all__ = ["Completion", "EpisodeConfig", "Sampler", "build_prompt_ids", "build_prompts", "run_episode"]
+__all__ = ["Completion", "EpisodeConfig", "Sampler", "build_prompt_ids", "build_prompts", "render_prompts",
+           "run_episode"]
 
 
 class Completion(Protocol):
@@ -71,15 +72,20 @@ def build_prompt_ids(tokenizer: Tokenizer, task: Task, workdir: str = "/testbed"
     return build_prompts(tokenizer, [(task, workdir)])[0]
 
 
-def build_prompts(tokenizer: Tokenizer, tasks: Sequence[tuple[Task, str]]) -> list[list[int]]:
-    """`build_prompt_ids` of each (task, workdir): the same ids as one at a time. A Hugging Face fast
-    tokenizer encodes them as one batch in its Rust backend, on every core and without the GIL (512
-    prompts of ~400 tokens: 76 ms here instead of 136), so a caller may run this in a worker thread
-    while its event loop goes on; the backend's encode is read-only, safe beside the loop's own calls."""
-    texts = [tokenizer.apply_chat_template(
+def render_prompts(tokenizer: Tokenizer, tasks: Sequence[tuple[Task, str]]) -> list[str]:
+    """The chat-template text of each (task, workdir)'s prompt, ready to encode without special tokens."""
+    return [tokenizer.apply_chat_template(
         [{"role": "system", "content": system_prompt()},
          {"role": "user", "content": task_prompt(task.problem_statement, workdir)}],
         tokenize=False, add_generation_prompt=True) for task, workdir in tasks]
+
+
+def build_prompts(tokenizer: Tokenizer, tasks: Sequence[tuple[Task, str]]) -> list[list[int]]:
+    """`build_prompt_ids` of each (task, workdir): the same ids as one at a time. A Hugging Face fast
+    tokenizer encodes them as one batch in its Rust backend, on every core and without the GIL (512
+    prompts of ~400 tokens: 76 ms here instead of 136); the backend's encode is read-only, safe to
+    run in a worker thread beside an event loop's own calls."""
+    texts = render_prompts(tokenizer, tasks)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]

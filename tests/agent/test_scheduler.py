@@ -192,51 +192,64 @@ def test_relaxed_gc_promotes_what_it_leaves_alive_unscanned_and_cycles_are_still
     del frozen
 
 
-async def test_prompts_are_encoded_once_per_task_in_chunks_off_the_event_loop(tiny_tokenizer, monkeypatch):
-    import threading
+class RecordingBackend:
+    """A fast tokenizer's Rust backend that records each batch encode (its size, whether in the main
+    thread) and fails on texts holding `fail_on`."""
 
+    def __init__(self, backend, fail_on: str | None = None) -> None:
+        self.backend, self.fail_on, self.batches = backend, fail_on, []
+
+    def encode_batch(self, texts, **kwargs):
+        import threading
+
+        self.batches.append((len(texts), threading.current_thread() is threading.main_thread()))
+        if self.fail_on is not None and any(self.fail_on in t for t in texts):
+            raise ValueError("the backend cannot encode this task")
+        return self.backend.encode_batch(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+class RecordingTokenizer:
+    def __init__(self, tokenizer, fail_on: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.backend_tokenizer = RecordingBackend(tokenizer.backend_tokenizer, fail_on)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+async def test_prompts_are_encoded_once_per_task_in_chunks_off_the_event_loop(tiny_tokenizer):
     import agent.scheduler as scheduler_module
 
-    calls: list[tuple[int, bool]] = []
-    real = scheduler_module.build_prompts
-
-    def recording(tokenizer, tasks):
-        calls.append((len(tasks), threading.current_thread() is threading.main_thread()))
-        return real(tokenizer, tasks)
-
-    monkeypatch.setattr(scheduler_module, "build_prompts", recording)
-    sched = Scheduler([FakeNode("n0"), FakeNode("n1")], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, patch_grader)
+    tokenizer = RecordingTokenizer(tiny_tokenizer)
+    sched = Scheduler([FakeNode("n0"), FakeNode("n1")], ScriptedPolicy(tiny_tokenizer, FIX), tokenizer, patch_grader)
     n_tasks = scheduler_module._PROMPT_CHUNK + 5
     groups = await sched.run_groups([(task(i), 3, f"g{i}") for i in range(n_tasks)])
-    assert sorted(n for n, _ in calls) == [5, scheduler_module._PROMPT_CHUNK]  # each task once, in chunks
-    assert not any(on_main for _, on_main in calls)  # in worker threads, never in the loop
+    batches = tokenizer.backend_tokenizer.batches
+    assert sorted(n for n, _ in batches) == [5, scheduler_module._PROMPT_CHUNK]  # each task once, in chunks
+    assert not any(on_main for _, on_main in batches)  # in a worker thread, never in the loop
     for i, group in enumerate(groups):
         assert [r.trajectory.prompt_ids for r in group] == [build_prompt_ids(tiny_tokenizer, task(i), "/testbed")] * 3
+    assert all(r.trajectory.resolved for g in groups for r in g)
     await sched.run_group(task(0), 2, group_id="again")  # cached: nothing encoded again
-    assert len(calls) == 2 and not sched._prompts_pending
+    assert len(batches) == 2 and not sched._prompts_pending
 
 
 async def test_a_prompt_that_cannot_be_encoded_fails_its_episodes_and_a_cancelled_batch_leaves_nothing_waiting(
-        tiny_tokenizer, monkeypatch):
-    import agent.scheduler as scheduler_module
-
-    real = scheduler_module.build_prompts
-
-    def failing(tokenizer, tasks):
-        if any(t.id == "calc-1" for t, _ in tasks):
-            raise ValueError("the template cannot render this task")
-        return real(tokenizer, tasks)
-
-    monkeypatch.setattr(scheduler_module, "build_prompts", failing)
-    sched = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX), tiny_tokenizer, patch_grader)
+        tiny_tokenizer):
+    tokenizer = RecordingTokenizer(tiny_tokenizer, fail_on="task number 1.")
+    tasks = [dataclasses.replace(task(i), problem_statement=f"add() subtracts, task number {i}.") for i in range(3)]
+    sched = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX), tokenizer, patch_grader)
     with trio.fail_after(30):
-        groups = await sched.run_groups([(task(i), 2, f"g{i}") for i in range(3)])
-    # The chunk with calc-1 failed: the other tasks' episodes encoded their own prompts and ran.
+        groups = await sched.run_groups([(t, 2, f"g{i}") for i, t in enumerate(tasks)])
+    # The chunk holding task 1 failed: the other tasks' episodes encoded their own prompts and ran.
     assert [[r.error is None for r in g] for g in groups] == [[True, True], [False, False], [True, True]]
-    assert all("cannot render" in r.error and r.trajectory.finish_reason == FinishReason.ERROR for r in groups[1])
+    assert all("cannot encode" in r.error and r.trajectory.finish_reason == FinishReason.ERROR for r in groups[1])
     assert all(r.trajectory.resolved for i in (0, 2) for r in groups[i])
+    assert not sched._prompts_pending
 
-    monkeypatch.setattr(scheduler_module, "build_prompts", real)
     fresh = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX, latency_s=1.0), tiny_tokenizer, patch_grader)
     with trio.move_on_after(0.01):  # cancelled while prompts are being encoded or episodes sample
         await fresh.run_groups([(task(i), 2, f"g{i}") for i in range(40)])

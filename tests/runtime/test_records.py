@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+from array import array
 
 import msgpack
 import pytest
@@ -245,8 +246,11 @@ def test_check_action_and_from_checked_make_the_constructors_turn() -> None:
     assert Turn.from_msgpack(turn.to_msgpack()) == turn
     with pytest.raises(ValueError, match=r"^Turn\.action_logprobs: length 1 != len\(action_ids\) 2"):
         Turn.check_action([1, 2], [-0.5])
-    with pytest.raises(ValueError, match=r"^Turn\.action_logprobs\[0\]: logprob must be finite"):
-        Turn.check_action([1], [math.nan])
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"^Turn\.action_logprobs\[1\]: logprob must be finite"):
+            Turn.check_action([1, 2], [-0.5, bad])
+    # Finite float32s whose top byte is 0x7f or 0xff (|x| >= 2**127) are checked the slow way, and pass.
+    assert Turn.check_action([1, 2, 3], [3e38, -3e38, -0.0])[1] == array("f", [3e38, -3e38, -0.0]).tolist()
 
 
 def test_trajectory_from_checked_makes_the_constructors_record_and_checks_the_other_fields() -> None:
