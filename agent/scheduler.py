@@ -584,34 +584,26 @@ class Scheduler:
 
     async def run_group(self, task: Task, n: int, *, group_id: str, policy_version: int = 0) -> list[RolloutResult]:
         """`n` rollouts of `task` (one DAPO group), concurrently; results in rollout order."""
-        results: list[RolloutResult | None] = [None] * n
+        return (await self.run_groups([(task, n, group_id)], policy_version=policy_version))[0]
 
-        node = self._place_group(n)
+    async def run_groups(self, groups: Sequence[tuple[Task, int, str]], *, policy_version: int = 0) -> list[list[RolloutResult]]:
+        """Many groups concurrently (bounded by the scheduler's limits); results in input order. Each
+        group's rollouts are placed on one node (`_place_group`); all rollouts are tasks of one nursery
+        (no task per group: thousands of episodes start together at every batch)."""
+        out: list[list[RolloutResult | None]] = [[None] * n for _, n, _ in groups]
 
-        async def one(i: int) -> None:
+        async def one(results: list[RolloutResult | None], i: int, task: Task, group_id: str, node: _Node) -> None:
             results[i] = await self.rollout(task, episode_id=f"{group_id}/{i}", group_id=group_id,
                                             policy_version=policy_version, _placed=node)
 
         with relaxed_gc(self.config.gc_threshold):  # before spawning: the spawn allocates too
             async with trio.open_nursery() as nursery:
-                self._encode_soon(nursery, [task])
-                for i in range(n):
-                    nursery.start_soon(one, i)
-        return [r for r in results if r is not None]
-
-    async def run_groups(self, groups: Sequence[tuple[Task, int, str]], *, policy_version: int = 0) -> list[list[RolloutResult]]:
-        """Many groups concurrently (bounded by the scheduler's limits); results in input order."""
-        out: list[list[RolloutResult]] = [[] for _ in groups]
-
-        async def one(i: int, task: Task, n: int, group_id: str) -> None:
-            out[i] = await self.run_group(task, n, group_id=group_id, policy_version=policy_version)
-
-        with relaxed_gc(self.config.gc_threshold):
-            async with trio.open_nursery() as nursery:
                 self._encode_soon(nursery, [task for task, _, _ in groups])
-                for i, (task, n, group_id) in enumerate(groups):
-                    nursery.start_soon(one, i, task, n, group_id)
-        return out
+                for results, (task, n, group_id) in zip(out, groups):
+                    node = self._place_group(n)
+                    for i in range(n):
+                        nursery.start_soon(one, results, i, task, group_id, node)
+        return [[r for r in results if r is not None] for results in out]
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "nodes": {n.name: {"healthy": n.healthy, "draining": n.draining, "failures": n.failures,

@@ -171,6 +171,21 @@ def make_task(commit: str) -> Task:
                 test_command="pytest -rA", log_parser="pytest")
 
 
+async def test_a_diff_past_its_timeout_raises_too_slow(toy_repo, tiny_tokenizer, autojump_clock):
+    repo, commit = toy_repo
+
+    async def hang(base_commit):
+        await trio.sleep_forever()
+
+    sampler = ScriptedSampler(tiny_tokenizer, ["<function=submit>\n</function>"])
+    start = trio.current_time()
+    with pytest.raises(trio.TooSlowError, match=r"the diff took longer than 5 s"):
+        await run_episode(make_task(commit), LocalWorkspace(repo), sampler, tiny_tokenizer,
+                          ChatFormat.from_tokenizer(tiny_tokenizer), EpisodeConfig(diff_timeout_s=5.0),
+                          episode_id="e", group_id="g", diff=hang)
+    assert trio.current_time() - start == pytest.approx(5.0)
+
+
 def test_prompts_built_as_a_batch_equal_those_built_one_at_a_time(tiny_tokenizer):
     tasks = [(dataclasses.replace(make_task("HEAD"), id=f"t{i}", problem_statement=f"Case {i}: 1 + 1 == {i}\n  é"),
               f"/w{i % 2}") for i in range(5)]
