@@ -395,7 +395,7 @@ class Scheduler:
                             task, sandbox, self.policy.sampler(endpoint), self.tokenizer, self.chat,
                             self.config.episode, episode_id=episode_id, group_id=group_id,
                             policy_version=policy_version, endpoint=endpoint, prompt_ids=prompt_ids,
-                            codec=self.codec)
+                            prompt_checked=True, codec=self.codec)
                     except Exception as exc:
                         if _is_endpoint_error(exc):
                             self.policy.report_failure(endpoint, exc)
@@ -499,12 +499,15 @@ class Scheduler:
             if ids is None:  # none was under way, or it failed: encode it here (a failure is this episode's)
                 [ids] = await trio.to_thread.run_sync(build_prompts, self.tokenizer, [(task, workdir)])
                 self._store_prompts({key: ids})
+                ids = self._prompts[key]  # the checked copy
         return ids
 
     def _store_prompts(self, prompts: dict[str, list[int]]) -> None:
-        if len(self._prompts) + len(prompts) > 65536:  # bounded: a long run sees many tasks
+        """Cache `prompts`, each checked once here for all its rollouts (`Trajectory.check_prompt_ids`)."""
+        checked = {key: Trajectory.check_prompt_ids(ids) for key, ids in prompts.items()}
+        if len(self._prompts) + len(checked) > 65536:  # bounded: a long run sees many tasks
             self._prompts.clear()
-        self._prompts.update(prompts)
+        self._prompts.update(checked)
 
     def _encode_soon(self, nursery: trio.Nursery, tasks: Sequence[Task]) -> None:
         """Start encoding the prompts of `tasks` that are neither cached nor under way, in the background

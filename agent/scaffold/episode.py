@@ -106,19 +106,22 @@ async def run_episode(
     endpoint: str = "",
     diff: Any = None,
     prompt_ids: list[int] | None = None,
+    prompt_checked: bool = False,
     codec: TextCodec | None = None,
 ) -> Trajectory:
     """Run one episode in `workspace` (a fresh checkout of the task) and return its trajectory.
 
     `diff`: async callable `(base_commit) -> patch`; defaults to `workspace.diff`. `prompt_ids`: the
-    rendered prompt when the caller has it already (the G rollouts of a task share it).
+    rendered prompt when the caller has it already (the G rollouts of a task share it);
+    `prompt_checked`: it came from `Trajectory.check_prompt_ids` (a scheduler checks a task's prompt
+    once for its rollouts), so it is copied, not checked again.
     """
     t_start = time.perf_counter()
     if prompt_ids is None:
         prompt_ids = build_prompt_ids(tokenizer, task, workspace.workdir)
     # Checked now, before the first sample, as the record's constructor would check it at the end
     # (where `Trajectory.from_checked` takes it and the turns as they are).
-    prompt_ids = Trajectory.check_prompt_ids(prompt_ids)
+    prompt_ids = list(prompt_ids) if prompt_checked else Trajectory.check_prompt_ids(prompt_ids)
     codec = codec or TextCodec(tokenizer)
     tools = Tools(workspace, bash_timeout_s=config.bash_timeout_s, max_observation_chars=config.max_observation_chars)
     context: list[int] = list(prompt_ids)

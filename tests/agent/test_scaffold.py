@@ -171,6 +171,24 @@ def make_task(commit: str) -> Task:
                 test_command="pytest -rA", log_parser="pytest")
 
 
+async def test_a_prompt_checked_by_the_caller_is_copied_not_checked_again(toy_repo, tiny_tokenizer):
+    repo, commit = toy_repo
+    chat = ChatFormat.from_tokenizer(tiny_tokenizer)
+    prompt = Trajectory.check_prompt_ids(build_prompt_ids(tiny_tokenizer, make_task(commit), str(repo)))
+    runs = []
+    for checked in (False, True):
+        traj = await run_episode(make_task(commit), LocalWorkspace(repo), ScriptedSampler(tiny_tokenizer, FIX),
+                                 tiny_tokenizer, chat, episode_id="e1", group_id="g1", prompt_ids=prompt,
+                                 prompt_checked=checked)
+        assert traj.prompt_ids == prompt and traj.prompt_ids is not prompt  # the record owns its list
+        runs.append((traj.token_ids(), traj.loss_mask(), [t.tool for t in traj.turns], traj.patch, traj.finish_reason))
+        await LocalWorkspace(repo).exec("git checkout -q -- .")
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match=r"^Trajectory\.prompt_ids\[1\]: token id must be >= 0"):
+        await run_episode(make_task(commit), LocalWorkspace(repo), ScriptedSampler(tiny_tokenizer, FIX), tiny_tokenizer,
+                          chat, episode_id="e1", group_id="g1", prompt_ids=[1, -1])
+
+
 async def test_a_diff_past_its_timeout_raises_too_slow(toy_repo, tiny_tokenizer, autojump_clock):
     repo, commit = toy_repo
 
