@@ -37,6 +37,7 @@ from array import array
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -417,20 +418,63 @@ class Scheduler:
         return RolloutResult(trajectory, grade, 0)
 
     async def rollout(self, task: Task, *, episode_id: str, group_id: str, policy_version: int = 0,
-                      _placed: _Node | None = None) -> RolloutResult:
+                      _placed: _Node | None = None,
+                      _into: tuple[list[RolloutResult | None], int] | None = None) -> RolloutResult:
         """One episode of `task`, graded; retried from its start on infrastructure failures.
-        `_placed`: a node `_place_group` reserved for this rollout's group, tried first."""
+
+        `_placed`: a node `_place_group` reserved for this rollout's group, tried first. `_into`: (list,
+        index) where to store the result too, so that `run_groups` runs this coroutine as the task
+        itself: every frame between a trio task and the episode is resumed at each of its awaits
+        (the attempts loop is inline here, not a helper, for the same reason)."""
         reserved = _placed
         try:
             with relaxed_gc(self.config.gc_threshold):
                 async with _Slot(self.episode_limiter):
                     self.counters["started"] += 1
                     self.counters["running"] += 1
-                    if reserved is not None:  # _attempts counts the node it uses itself
+                    if reserved is not None:  # each attempt counts the node it uses itself
                         reserved.placed -= 1
                         reserved = None
+                    excluded_nodes: set[str] = set()
+                    last_exc: BaseException | None = None
+                    result: RolloutResult | None = None
                     try:
-                        result = await self._attempts(task, episode_id, group_id, policy_version, _placed)
+                        for attempt in range(1, self.config.max_attempts + 1):
+                            if attempt == 1 and _placed is not None and _placed.healthy and not _placed.draining:
+                                node = _placed  # the group's node: its snapshot is (being) built there
+                            else:
+                                node = self._pick_node(excluded_nodes)
+                            try:
+                                result = await self._attempt(node, task, episode_id, group_id, policy_version)
+                            except Exception as exc:
+                                if not _is_infrastructure_error(exc):
+                                    # A bug, not an outage: retrying will not help, and raising would
+                                    # take the other episodes of the batch down with this one. Keep
+                                    # it as data.
+                                    log.exception("episode %s failed", episode_id)
+                                    self.counters["errors"] += 1
+                                    result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
+                                                           None, attempt, f"{type(exc).__name__}: {exc}")
+                                    break
+                                last_exc = exc
+                                self.counters["retried"] += 1
+                                if not _is_endpoint_error(exc):
+                                    self._node_failed(node, exc)
+                                    node.healthy = False
+                                    excluded_nodes.add(node.name)
+                                    if len(excluded_nodes) == len(self.nodes):
+                                        excluded_nodes.clear()
+                                log.info("episode %s attempt %d failed (%s: %s); requeued", episode_id, attempt,
+                                         type(exc).__name__, exc)
+                            else:
+                                node.healthy = True
+                                result.attempts = attempt
+                                break
+                        if result is None:
+                            self.counters["errors"] += 1
+                            result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
+                                                   None, self.config.max_attempts,
+                                                   f"{type(last_exc).__name__}: {last_exc}")
                     finally:
                         self.counters["running"] -= 1
         finally:
@@ -438,47 +482,13 @@ class Scheduler:
                 reserved.placed -= 1
         self.counters["finished"] += 1
         self.counters["resolved"] += bool(result.trajectory.resolved)
+        if _into is not None:
+            _into[0][_into[1]] = result
         if self.on_result is not None:
             maybe = self.on_result(result)
             if maybe is not None:
                 await maybe
         return result
-
-    async def _attempts(self, task: Task, episode_id: str, group_id: str, policy_version: int,
-                        preferred: _Node | None = None) -> RolloutResult:
-        excluded_nodes: set[str] = set()
-        last_exc: BaseException | None = None
-        for attempt in range(1, self.config.max_attempts + 1):
-            if attempt == 1 and preferred is not None and preferred.healthy and not preferred.draining:
-                node = preferred  # the group's node: its snapshot is (being) built there
-            else:
-                node = self._pick_node(excluded_nodes)
-            try:
-                result = await self._attempt(node, task, episode_id, group_id, policy_version)
-                node.healthy = True
-                result.attempts = attempt
-                return result
-            except Exception as exc:
-                if not _is_infrastructure_error(exc):
-                    # A bug, not an outage: retrying will not help, and raising would take the
-                    # other episodes of the batch down with this one. Keep it as data.
-                    log.exception("episode %s failed", episode_id)
-                    self.counters["errors"] += 1
-                    return RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
-                                         None, attempt, f"{type(exc).__name__}: {exc}")
-                last_exc = exc
-                self.counters["retried"] += 1
-                if not _is_endpoint_error(exc):
-                    self._node_failed(node, exc)
-                    node.healthy = False
-                    excluded_nodes.add(node.name)
-                    if len(excluded_nodes) == len(self.nodes):
-                        excluded_nodes.clear()
-                log.info("episode %s attempt %d failed (%s: %s); requeued", episode_id, attempt,
-                         type(exc).__name__, exc)
-        self.counters["errors"] += 1
-        return RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
-                             None, self.config.max_attempts, f"{type(last_exc).__name__}: {last_exc}")
 
     # -- prompts ----------------------------------------------------------------------------------
     #
@@ -594,18 +604,14 @@ class Scheduler:
         group's rollouts are placed on one node (`_place_group`); all rollouts are tasks of one nursery
         (no task per group: thousands of episodes start together at every batch)."""
         out: list[list[RolloutResult | None]] = [[None] * n for _, n, _ in groups]
-
-        async def one(results: list[RolloutResult | None], i: int, task: Task, group_id: str, node: _Node) -> None:
-            results[i] = await self.rollout(task, episode_id=f"{group_id}/{i}", group_id=group_id,
-                                            policy_version=policy_version, _placed=node)
-
         with relaxed_gc(self.config.gc_threshold):  # before spawning: the spawn allocates too
             async with trio.open_nursery() as nursery:
                 self._encode_soon(nursery, [task for task, _, _ in groups])
                 for results, (task, n, group_id) in zip(out, groups):
                     node = self._place_group(n)
                     for i in range(n):
-                        nursery.start_soon(one, results, i, task, group_id, node)
+                        nursery.start_soon(partial(self.rollout, task, episode_id=f"{group_id}/{i}", group_id=group_id,
+                                                   policy_version=policy_version, _placed=node, _into=(results, i)))
         return [[r for r in results if r is not None] for results in out]
 
     def stats(self) -> dict[str, Any]:
