@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 __all__ = ["ChatFormat", "TextCodec", "Tokenizer", "load_tokenizer"]
@@ -126,7 +127,7 @@ class TextCodec:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             self._encode = lambda text: backend.encode(text, add_special_tokens=False).ids
-            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+            self.decode = partial(backend.decode, skip_special_tokens=True)  # no Python frame per turn
         else:
             self._encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
             self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
