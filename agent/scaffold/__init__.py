@@ -1,7 +1,8 @@
 """The agent scaffold: prompts, tool-call parsing, tools, token-exact episodes."""
 
 from .chat import ChatFormat, Tokenizer, load_tokenizer
-from .episode import Completion, EpisodeConfig, Sampler, build_prompt_ids, build_prompts, render_prompts, run_episode
+from .episode import (Completion, EpisodeConfig, PromptEncoder, Sampler, build_prompt_ids, build_prompts, render_prompts,
+                      run_episode)
 from .parsing import STOP_SEQUENCES, TOOL_SPECS, FormatError, ToolCall, parse_tool_call
 from .prompts import system_prompt, task_prompt
 from .tools import ToolResult, Tools, cap_text
@@ -13,6 +14,7 @@ __all__ = [
     "Completion",
     "EpisodeConfig",
     "FormatError",
+    "PromptEncoder",
     "Sampler",
     "Tokenizer",
     "ToolCall",

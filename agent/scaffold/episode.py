@@ -12,6 +12,8 @@ observations and the episode goes on.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +30,8 @@ from .parsing import STOP_SEQUENCES, FormatError, parse_tool_call
 from .prompts import system_prompt, task_prompt
 from .tools import Tools
 
-__all__ = ["Completion", "EpisodeConfig", "Sampler", "build_prompt_ids", "build_prompts", "render_prompts",
-           "run_episode"]
+__all__ = ["Completion", "EpisodeConfig", "PromptEncoder", "Sampler", "build_prompt_ids", "build_prompts",
+           "render_prompts", "run_episode"]
 
 
 class Completion(Protocol):
@@ -90,6 +92,81 @@ def build_prompts(tokenizer: Tokenizer, tasks: Sequence[tuple[Task, str]]) -> li
     if backend is not None:
         return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
     return [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
+
+
+class PromptEncoder:
+    """Encodes rendered prompts (`render_prompts`) with a fast tokenizer's Rust backend: the system
+    message that every prompt starts with once, and per prompt only the rest.
+
+    Exact: a Hugging Face tokenizer splits its input at added tokens (``<|im_start|>``, ...) before
+    anything else and encodes the pieces between them on their own, so a text cut right before one
+    encodes as its two halves' ids end to end. The cut is the last added token inside the text that two
+    different probe prompts share. It is checked on the probes when this is built (whole == prefix +
+    rest), and a caller checks it again on the first prompt of every batch (`check`); where either
+    differs, prompts are encoded whole. Without a backend (a slow tokenizer) prompts are encoded whole.
+
+    `encode_raw` is for a worker thread (Rust only, no GIL held for long); `to_ids` turns its result
+    into lists in the caller's thread. `encode` does both.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.prefix = ""
+        self.prefix_ids: list[int] = []
+        if self.backend is not None:
+            try:
+                self._find_prefix()
+            except Exception:  # an odd template or backend: encode prompts whole
+                self.prefix, self.prefix_ids = "", []
+
+    def _find_prefix(self) -> None:
+        assert self.backend is not None
+        probe = Task(id="probe", repo="probe/probe", base_commit="HEAD", problem_statement="x", image="host",
+                     test_patch="", FAIL_TO_PASS=["t"], PASS_TO_PASS=[], test_command="true", log_parser="pytest")
+        other = dataclasses.replace(probe, problem_statement="Another, longer one.\n  y")
+        texts = render_prompts(self.tokenizer, [(probe, "/a"), (other, "/probe/b")])
+        common = os.path.commonprefix(texts)
+        added = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.content]
+        cut = max((common.rfind(token) for token in added), default=-1)
+        if cut <= 0:
+            return
+        self.prefix, self.prefix_ids = common[:cut], self._whole([common[:cut]])[0]
+        if not all(self.check(text) for text in texts):
+            self.prefix, self.prefix_ids = "", []
+
+    def _whole(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.backend is None:
+            return [list(self.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
+        return [list(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def check(self, text: str) -> bool:
+        """Whether `text` encodes the same whole and cut (True where nothing is cut)."""
+        if not (self.prefix and text.startswith(self.prefix)):
+            return True
+        return self._whole([text])[0] == self.prefix_ids + self._whole([text[len(self.prefix):]])[0]
+
+    def disable(self) -> None:
+        self.prefix, self.prefix_ids = "", []
+
+    def encode_raw(self, texts: Sequence[str]) -> tuple[list[int] | None, Any]:
+        """The backend's encodings of `texts`, cut or whole, and the prefix ids that go before each."""
+        if self.backend is None:
+            return None, self._whole(texts)
+        prefix, prefix_ids = self.prefix, self.prefix_ids
+        if prefix and all(text.startswith(prefix) for text in texts):
+            n = len(prefix)
+            return prefix_ids, self.backend.encode_batch([text[n:] for text in texts], add_special_tokens=False)
+        return [], self.backend.encode_batch(list(texts), add_special_tokens=False)
+
+    def to_ids(self, raw: tuple[list[int] | None, Any]) -> list[list[int]]:
+        prefix_ids, encoded = raw
+        if prefix_ids is None:
+            return encoded
+        return [prefix_ids + e.ids for e in encoded]
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.to_ids(self.encode_raw(texts))
 
 
 async def run_episode(

@@ -12,11 +12,13 @@ from agent.scaffold import (
     ChatFormat,
     EpisodeConfig,
     FormatError,
+    PromptEncoder,
     ToolCall,
     Tools,
     build_prompt_ids,
     build_prompts,
     parse_tool_call,
+    render_prompts,
     run_episode,
     system_prompt,
     task_prompt,
@@ -202,6 +204,67 @@ async def test_a_diff_past_its_timeout_raises_too_slow(toy_repo, tiny_tokenizer,
                           ChatFormat.from_tokenizer(tiny_tokenizer), EpisodeConfig(diff_timeout_s=5.0),
                           episode_id="e", group_id="g", diff=hang)
     assert trio.current_time() - start == pytest.approx(5.0)
+
+
+class SkewedBackend:
+    """A backend that encodes a text differently alone than inside a longer one (an extra id 0 in
+    front of a text that does not start the conversation, where its `trigger` is in it): a tokenizer
+    for which cutting a prompt after its system message is not exact."""
+
+    def __init__(self, backend, trigger: str = "") -> None:
+        self.backend, self.trigger = backend, trigger
+
+    def encode_batch(self, texts, **kwargs):
+        out = self.backend.encode_batch(texts, **kwargs)
+        return [Skewed([0, *e.ids]) if self.trigger in t and not t.startswith("<|im_start|>system") else e
+                for t, e in zip(texts, out)]
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+@dataclass
+class Skewed:
+    ids: list
+
+
+class SkewedTokenizer:
+    def __init__(self, tokenizer, trigger: str = "") -> None:
+        self.tokenizer = tokenizer
+        self.backend_tokenizer = SkewedBackend(tokenizer.backend_tokenizer, trigger)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def varied_tasks(n: int) -> list[tuple[Task, str]]:
+    return [(dataclasses.replace(make_task("HEAD"), id=f"t{i}", problem_statement=f"Case {i}: é ü <|x|>\n  task number {i}"),
+             f"/w{i % 3}") for i in range(n)]
+
+
+def test_prompt_encoder_encodes_the_system_message_once_and_exactly(tiny_tokenizer):
+    encoder = PromptEncoder(tiny_tokenizer)
+    assert encoder.prefix.startswith("<|im_start|>system") and encoder.prefix.endswith("<|im_end|>\n")
+    assert encoder.prefix_ids == list(tiny_tokenizer.encode(encoder.prefix, add_special_tokens=False))
+    tasks = varied_tasks(7)
+    texts = render_prompts(tiny_tokenizer, tasks)
+    assert encoder.encode(texts) == build_prompts(tiny_tokenizer, tasks)
+    assert all(encoder.check(text) for text in texts)
+    # A text that does not start with the prefix is encoded whole.
+    assert encoder.encode(["plain text", *texts[:1]]) == [list(tiny_tokenizer.encode("plain text", add_special_tokens=False)),
+                                                        *build_prompts(tiny_tokenizer, tasks[:1])]
+
+
+def test_prompt_encoder_encodes_whole_where_cutting_is_not_exact(tiny_tokenizer):
+    skewed = SkewedTokenizer(tiny_tokenizer)  # wrong on the probes already: no cut from the start
+    encoder = PromptEncoder(skewed)
+    assert encoder.prefix == "" and encoder.prefix_ids == []
+    texts = render_prompts(tiny_tokenizer, varied_tasks(3))
+    assert encoder.encode(texts) == build_prompts(tiny_tokenizer, varied_tasks(3))
+    late = PromptEncoder(SkewedTokenizer(tiny_tokenizer, trigger="task number"))  # right on the probes only
+    assert late.prefix and not late.check(texts[0])
+    late.disable()
+    assert late.encode(texts) == build_prompts(tiny_tokenizer, varied_tasks(3))
 
 
 def test_prompts_built_as_a_batch_equal_those_built_one_at_a_time(tiny_tokenizer):

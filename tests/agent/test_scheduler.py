@@ -192,12 +192,18 @@ def test_relaxed_gc_promotes_what_it_leaves_alive_unscanned_and_cycles_are_still
     del frozen
 
 
+@dataclass
+class Encoding:
+    ids: list
+
+
 class RecordingBackend:
     """A fast tokenizer's Rust backend that records each batch encode (its size, whether in the main
-    thread) and fails on texts holding `fail_on`."""
+    thread), fails on texts holding `fail_on`, and encodes texts holding `skew_on` differently alone
+    than inside a whole prompt (an extra id 0 in front): cutting prompts is then not exact."""
 
-    def __init__(self, backend, fail_on: str | None = None) -> None:
-        self.backend, self.fail_on, self.batches = backend, fail_on, []
+    def __init__(self, backend, fail_on: str | None = None, skew_on: str | None = None) -> None:
+        self.backend, self.fail_on, self.skew_on, self.batches = backend, fail_on, skew_on, []
 
     def encode_batch(self, texts, **kwargs):
         import threading
@@ -205,16 +211,20 @@ class RecordingBackend:
         self.batches.append((len(texts), threading.current_thread() is threading.main_thread()))
         if self.fail_on is not None and any(self.fail_on in t for t in texts):
             raise ValueError("the backend cannot encode this task")
-        return self.backend.encode_batch(texts, **kwargs)
+        out = self.backend.encode_batch(texts, **kwargs)
+        if self.skew_on is None:
+            return out
+        return [Encoding([0, *e.ids]) if self.skew_on in t and not t.startswith("<|im_start|>system") else e
+                for t, e in zip(texts, out)]
 
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
 
 class RecordingTokenizer:
-    def __init__(self, tokenizer, fail_on: str | None = None) -> None:
+    def __init__(self, tokenizer, fail_on: str | None = None, skew_on: str | None = None) -> None:
         self.tokenizer = tokenizer
-        self.backend_tokenizer = RecordingBackend(tokenizer.backend_tokenizer, fail_on)
+        self.backend_tokenizer = RecordingBackend(tokenizer.backend_tokenizer, fail_on, skew_on)
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
@@ -226,15 +236,28 @@ async def test_prompts_are_encoded_once_per_task_in_chunks_off_the_event_loop(ti
     tokenizer = RecordingTokenizer(tiny_tokenizer)
     sched = Scheduler([FakeNode("n0"), FakeNode("n1")], ScriptedPolicy(tiny_tokenizer, FIX), tokenizer, patch_grader)
     n_tasks = scheduler_module._PROMPT_CHUNK + 5
-    groups = await sched.run_groups([(task(i), 3, f"g{i}") for i in range(n_tasks)])
+    assert sched._prompt_encoder.prefix  # the system message is encoded once, the rest per task
     batches = tokenizer.backend_tokenizer.batches
-    assert sorted(n for n, _ in batches) == [5, scheduler_module._PROMPT_CHUNK]  # each task once, in chunks
+    batches.clear()  # (the encoder's probes, when the scheduler was built)
+    groups = await sched.run_groups([(task(i), 3, f"g{i}") for i in range(n_tasks)])
+    # Each task once, in chunks, after the cut is checked again on the batch's first prompt (two encodes).
+    assert sorted(n for n, _ in batches) == [1, 1, 5, scheduler_module._PROMPT_CHUNK]
     assert not any(on_main for _, on_main in batches)  # in a worker thread, never in the loop
     for i, group in enumerate(groups):
         assert [r.trajectory.prompt_ids for r in group] == [build_prompt_ids(tiny_tokenizer, task(i), "/testbed")] * 3
     assert all(r.trajectory.resolved for g in groups for r in g)
     await sched.run_group(task(0), 2, group_id="again")  # cached: nothing encoded again
-    assert len(batches) == 2 and not sched._prompts_pending
+    assert len(batches) == 4 and not sched._prompts_pending
+
+
+async def test_prompts_are_encoded_whole_once_cutting_them_proves_inexact(tiny_tokenizer):
+    tokenizer = RecordingTokenizer(tiny_tokenizer, skew_on="subtracts")  # the probes pass, the tasks do not
+    sched = Scheduler([FakeNode("n0")], ScriptedPolicy(tiny_tokenizer, FIX), tokenizer, patch_grader)
+    assert sched._prompt_encoder.prefix
+    groups = await sched.run_groups([(task(i), 2, f"g{i}") for i in range(3)])
+    assert sched._prompt_encoder.prefix == ""  # the batch's first prompt showed it
+    for i, group in enumerate(groups):
+        assert [r.trajectory.prompt_ids for r in group] == [build_prompt_ids(tiny_tokenizer, task(i), "/testbed")] * 2
 
 
 async def test_a_prompt_that_cannot_be_encoded_fails_its_episodes_and_a_cancelled_batch_leaves_nothing_waiting(
