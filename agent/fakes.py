@@ -77,7 +77,7 @@ class _Alarms(trio.abc.Instrument):
     point) reschedules everyone due. One system task holds a cancel scope whose deadline is kept at the
     earliest sleeper's, so that the loop's I/O wait ends in time; it is moved on before it expires
     (an expiry, which costs an exception, is handled the same way). A relay task that woke sleepers
-    itself would add a pass to every wake: ~4 ms a turn with 4,096 episodes in flight.
+    itself would add a pass of the run loop to every wake.
     """
 
     def __init__(self) -> None:

@@ -438,8 +438,9 @@ class Scheduler:
                         reserved.placed -= 1
                         reserved = None
                     excluded_nodes: set[str] = set()
-                    last_exc: BaseException | None = None
                     result: RolloutResult | None = None
+                    exc: BaseException | None = None
+                    attempt = 0
                     try:
                         for attempt in range(1, self.config.max_attempts + 1):
                             if attempt == 1 and _placed is not None and _placed.healthy and not _placed.draining:
@@ -448,35 +449,22 @@ class Scheduler:
                                 node = self._pick_node(excluded_nodes)
                             try:
                                 result = await self._attempt(node, task, episode_id, group_id, policy_version)
-                            except Exception as exc:
+                            except Exception as error:
+                                exc = error
                                 if not _is_infrastructure_error(exc):
                                     # A bug, not an outage: retrying will not help, and raising would
-                                    # take the other episodes of the batch down with this one. Keep
-                                    # it as data.
+                                    # take the other episodes of the batch down with this one.
                                     log.exception("episode %s failed", episode_id)
-                                    self.counters["errors"] += 1
-                                    result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
-                                                           None, attempt, f"{type(exc).__name__}: {exc}")
                                     break
-                                last_exc = exc
-                                self.counters["retried"] += 1
-                                if not _is_endpoint_error(exc):
-                                    self._node_failed(node, exc)
-                                    node.healthy = False
-                                    excluded_nodes.add(node.name)
-                                    if len(excluded_nodes) == len(self.nodes):
-                                        excluded_nodes.clear()
-                                log.info("episode %s attempt %d failed (%s: %s); requeued", episode_id, attempt,
-                                         type(exc).__name__, exc)
+                                self._attempt_failed(node, exc, excluded_nodes, episode_id, attempt)
                             else:
                                 node.healthy = True
                                 result.attempts = attempt
                                 break
-                        if result is None:
+                        if result is None:  # kept as data: an error trajectory, which the learner drops
                             self.counters["errors"] += 1
                             result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
-                                                   None, self.config.max_attempts,
-                                                   f"{type(last_exc).__name__}: {last_exc}")
+                                                   None, attempt, f"{type(exc).__name__}: {exc}")
                     finally:
                         self.counters["running"] -= 1
         finally:
@@ -491,6 +479,19 @@ class Scheduler:
             if maybe is not None:
                 await maybe
         return result
+
+    def _attempt_failed(self, node: _Node, exc: BaseException, excluded_nodes: set[str], episode_id: str,
+                        attempt: int) -> None:
+        """An attempt lost to the infrastructure: a node's failure marks it (the next attempt goes to
+        another one while any is left), an endpoint's is the policy's to count."""
+        self.counters["retried"] += 1
+        if not _is_endpoint_error(exc):
+            self._node_failed(node, exc)
+            node.healthy = False
+            excluded_nodes.add(node.name)
+            if len(excluded_nodes) == len(self.nodes):
+                excluded_nodes.clear()
+        log.info("episode %s attempt %d failed (%s: %s); requeued", episode_id, attempt, type(exc).__name__, exc)
 
     # -- prompts ----------------------------------------------------------------------------------
     #
