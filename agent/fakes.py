@@ -85,7 +85,9 @@ class _Alarms(trio.abc.Instrument):
         self.sequence = itertools.count()
         self.scope: trio.CancelScope | None = None  # the system task's, while it waits
 
-    async def sleep(self, seconds: float) -> None:
+    def park(self, seconds: float) -> Callable[[Any], Abort]:
+        """Register the current task to wake in `seconds`; it then parks with the returned abort
+        function (`wait_task_rescheduled`). Not a coroutine: one frame less to resume per wake."""
         entry = [trio.current_time() + seconds, next(self.sequence), current_task()]
         heapq.heappush(self.heap, entry)
         scope = self.scope
@@ -96,7 +98,7 @@ class _Alarms(trio.abc.Instrument):
             entry[2] = None  # cancelled: skipped when its time comes
             return Abort.SUCCEEDED
 
-        await wait_task_rescheduled(abort)
+        return abort
 
     def after_io_wait(self, timeout: float) -> None:
         if self.heap:
@@ -135,7 +137,7 @@ async def fake_latency(seconds: float) -> None:
         _ALARMS.set(alarms)
         trio.lowlevel.add_instrument(alarms)
         spawn_system_task(alarms.run, name="agent.fakes.alarms")
-    await alarms.sleep(seconds)
+    await wait_task_rescheduled(alarms.park(seconds))
 
 
 class FakeSandbox:

@@ -244,8 +244,8 @@ async def run_episode(
                 format_errors += 1
             else:
                 tool = call.name
-                try:
-                    result = await tools.run(call)
+                try:  # (Tools.run inline: one frame less to resume at each of the tool's awaits)
+                    result = tools.capped(await tools.handler(tool)(**call.arguments))
                 except OSError as exc:  # a local workspace's file error: the model's to handle
                     observation, failed = f"Error: {exc}", True
                 except Exception as exc:

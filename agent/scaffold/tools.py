@@ -9,6 +9,7 @@ the context, and undecodable bytes are replaced rather than crashing the episode
 from __future__ import annotations
 
 import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..workspace import Workspace
@@ -49,8 +50,14 @@ class Tools:
         self.view_max_lines = view_max_lines
 
     async def run(self, call: ToolCall) -> ToolResult:
-        handler = getattr(self, f"_{call.name}")
-        result: ToolResult = await handler(**call.arguments)
+        return self.capped(await self.handler(call.name)(**call.arguments))
+
+    def handler(self, name: str) -> Callable[..., Awaitable[ToolResult]]:
+        """The coroutine function of tool `name` (a parsed call's: `parse_tool_call` checks the name)."""
+        return getattr(self, f"_{name}")
+
+    def capped(self, result: ToolResult) -> ToolResult:
+        """`result` with its observation capped to `max_observation_chars`."""
         if len(result.observation) <= self.max_observation_chars:
             return result
         return ToolResult(cap_text(result.observation, self.max_observation_chars), result.submitted, result.failed)
