@@ -619,9 +619,9 @@ class Scheduler:
         return [[r for r in results if r is not None] for results in out]
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "nodes": {n.name: {"healthy": n.healthy, "draining": n.draining, "failures": n.failures,
-                                                     "in_use": n.limiter.borrowed_tokens} for n in self.nodes},
-                "time": time.time()}
+        nodes = {n.name: {"healthy": n.healthy, "draining": n.draining, "failures": n.failures,
+                          "in_use": n.limiter.borrowed_tokens, "placed": n.placed} for n in self.nodes}
+        return {**self.counters, "nodes": nodes, "time": time.time()}
 
 
 # -- episodes sharded over worker processes ---------------------------------------------------------

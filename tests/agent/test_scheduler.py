@@ -84,6 +84,10 @@ async def test_node_killed_and_endpoint_failures_lose_and_duplicate_nothing(tiny
     ok = [t for t in trajs if t.finish_reason != FinishReason.ERROR]
     assert len(ok) >= 0.95 * len(trajs) and all(t.resolved for t in ok)
     assert not nodes[1].sandboxes and not nodes[2].sandboxes
+    # Groups were placed on all three nodes; every placement was given back, the dead node's included.
+    assert all(n.created > 0 for n in nodes)
+    assert [node["placed"] for node in sched.stats()["nodes"].values()] == [0, 0, 0]
+    assert sched.counters["environments"] >= 25
 
 
 async def test_a_bug_in_one_episode_does_not_take_the_batch_down(tiny_tokenizer):
