@@ -267,6 +267,65 @@ def test_prompt_encoder_encodes_whole_where_cutting_is_not_exact(tiny_tokenizer)
     assert late.encode(texts) == build_prompts(tiny_tokenizer, varied_tasks(3))
 
 
+def _tokenizer_family(kind: str):
+    """A small tokenizer of another family than the byte-level BPE: sentencepiece-style Metaspace
+    (prefix space on the first piece or on every one), a normalizing one (NFKC, lowercase), and one
+    whose turn marker eats the whitespace around it (lstrip/rstrip)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from agent.fakes import CHATML_TEMPLATE
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    alphabet: list[str] = []
+    if kind.startswith("metaspace"):
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=kind.split("-")[1])
+        tok.decoder = decoders.Metaspace(prepend_scheme=kind.split("-")[1])
+    elif kind == "stripping":  # byte-level: the newline the turn marker eats is a token of its own alone
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "normalized":
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    specials = ["<unk>", "<|endoftext|>", "<|im_end|>"] + ([] if kind == "stripping" else ["<|im_start|>"])
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=specials, initial_alphabet=alphabet)
+    corpus = [system_prompt(), task_prompt("add() subtracts.", "/testbed")]
+    tok.train_from_iterator(corpus * 10, trainer)
+    if kind == "stripping":
+        tok.add_special_tokens([AddedToken("<|im_start|>", special=True, lstrip=True, rstrip=True)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 unk_token="<unk>")
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+@pytest.mark.parametrize(("kind", "cut"), [("metaspace-first", True), ("metaspace-always", True), ("normalized", True),
+                                          ("stripping", False)])
+def test_prompt_encoder_is_exact_or_whole_for_other_tokenizer_families(kind, cut):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tokenizer = _tokenizer_family(kind)
+    encoder = PromptEncoder(tokenizer)
+    # Where the turn marker eats the newline before it, the prompt cut there encodes otherwise: the
+    # probes show it, and prompts are encoded whole.
+    assert bool(encoder.prefix) is cut
+    pieces = st.sampled_from(list("aZé ü\n\t _-<|>") + ["<|im_start|>", "<|im_end|>", "def f():", "  "])
+    statements = st.lists(pieces, max_size=20).map("".join)
+
+    @settings(max_examples=40, deadline=None)
+    @given(statements, st.sampled_from(["/testbed", "/w x", "/é"]))
+    def check(statement, workdir):
+        task = (dataclasses.replace(make_task("HEAD"), problem_statement=statement or "x"), workdir)
+        texts = render_prompts(tokenizer, [task])
+        whole = [list(tokenizer.encode(texts[0], add_special_tokens=False))]
+        assert encoder.encode(texts) == whole == build_prompts(tokenizer, [task])
+
+    check()
+
+
 def test_prompts_built_as_a_batch_equal_those_built_one_at_a_time(tiny_tokenizer):
     tasks = [(dataclasses.replace(make_task("HEAD"), id=f"t{i}", problem_statement=f"Case {i}: 1 + 1 == {i}\n  é"),
               f"/w{i % 2}") for i in range(5)]
