@@ -379,12 +379,7 @@ class Scheduler:
 
     async def _attempt(self, node: _Node, task: Task, episode_id: str, group_id: str,
                        policy_version: int) -> RolloutResult:
-        node.placed += 1
-        try:
-            snap = await self._environment(node, task)
-        except BaseException:
-            node.placed -= 1
-            raise
+        snap = await self._environment(node, task)
         try:
             async with _Slot(node.limiter):
                 sandbox = await node.client.fork(snap, workdir=task_workdir(task, self.config.episode_workdir))
@@ -413,7 +408,6 @@ class Scheduler:
                         await sandbox.restore(snap)  # a fresh checkout for grading, in milliseconds
                         report = await self.grader(task, trajectory.patch, sandbox, timeout_s=self.config.grade_timeout_s)
         finally:
-            node.placed -= 1
             await self._release_environment(node, task)
         resolved = bool(getattr(report, "resolved", False))
         reward = float(self.reward_fn(task, trajectory, report))
@@ -436,7 +430,7 @@ class Scheduler:
                 async with _Slot(self.episode_limiter):
                     self.counters["started"] += 1
                     self.counters["running"] += 1
-                    if reserved is not None:  # each attempt counts the node it uses itself
+                    if reserved is not None:  # each attempt counts the node it uses, below
                         reserved.placed -= 1
                         reserved = None
                     excluded_nodes: set[str] = set()
@@ -449,6 +443,7 @@ class Scheduler:
                                 node = _placed  # the group's node: its snapshot is (being) built there
                             else:
                                 node = self._pick_node(excluded_nodes)
+                            node.placed += 1
                             try:
                                 result = await self._attempt(node, task, episode_id, group_id, policy_version)
                             except Exception as error:
@@ -463,6 +458,8 @@ class Scheduler:
                                 node.healthy = True
                                 result.attempts = attempt
                                 break
+                            finally:
+                                node.placed -= 1
                         if result is None:  # kept as data: an error trajectory, which the learner drops
                             self.counters["errors"] += 1
                             result = RolloutResult(self._error_trajectory(task, episode_id, group_id, policy_version),
@@ -682,7 +679,6 @@ def _pack_result(result: RolloutResult) -> tuple | RolloutResult:
     return (header, len(traj.prompt_ids), array("I", ids).tobytes(), array("d", lps).tobytes(),
             array("d", times).tobytes(), array("I", lengths).tobytes(), [t.tool for t in traj.turns],
             bytes([t.format_error for t in traj.turns]), result.grade, result.attempts, result.error)
-
 
 
 def _unpack_result(packed: tuple) -> RolloutResult:

@@ -145,10 +145,7 @@ async def run_http(episodes: int, turns: int, tokenizer, url: str, naive: bool, 
     second, counted as they complete."""
     from agent.llm import LLMClient
 
-    groups = max(1, episodes // 8)
-    tasks = [Task(id=f"t{i}", repo="bench/repo", base_commit="HEAD", problem_statement="The tests fail.",
-                  image="host", test_patch="", FAIL_TO_PASS=["t"], PASS_TO_PASS=[], test_command="true",
-                  log_parser="pytest") for i in range(groups)]
+    groups = bench_groups(episodes)
     config = SchedulerConfig(max_episodes=episodes, node_capacity=episodes,
                              episode=EpisodeConfig(max_turns=turns, max_context_tokens=1 << 20))
     counted = {"turns": 0, "episodes": 0}
@@ -165,12 +162,12 @@ async def run_http(episodes: int, turns: int, tokenizer, url: str, naive: bool, 
             async with naive_policy.client:
                 counting = CountingPolicy(naive_policy)
                 sched = Scheduler([FakeNode(f"n{i}") for i in range(4)], counting, tokenizer, grader, config, on_result=on_result)
-                await sched.run_groups([(t, episodes // groups, f"g{i}") for i, t in enumerate(tasks)])
+                await sched.run_groups(groups)
         else:
             async with LLMClient([url], model="fake-model", max_inflight_per_endpoint=episodes) as llm:
                 counting = CountingPolicy(llm)
                 sched = Scheduler([FakeNode(f"n{i}") for i in range(4)], counting, tokenizer, grader, config, on_result=on_result)
-                await sched.run_groups([(t, episodes // groups, f"g{i}") for i, t in enumerate(tasks)])
+                await sched.run_groups(groups)
     wall = time.perf_counter() - t0
     samples = counting.samples if counting is not None else 0
     return {"episodes_done": counted["episodes"], "turns_of_done_episodes": counted["turns"], "turns": samples,
